@@ -1,0 +1,1 @@
+"""PyTorch-format weights <-> Flax param trees (see torch_format)."""

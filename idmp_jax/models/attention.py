@@ -1,0 +1,110 @@
+"""Attention for the whole project, and regional cross-attention (RCA).
+
+`dot_product_attention` is the one function every model calls; it dispatches to cuDNN's fused kernel on GPU
+(half precision) and to XLA elsewhere. `Attention` is diffusers' `Attention` (to_q/to_k/to_v/to_out.0) with an
+optional boolean mask, which is how RCA enters: `rca_mask` turns the per-example region masks and the region
+index of each text token into a (batch, 1, h*w, tokens) boolean mask shared by all heads. Nothing per-head and
+nothing float is materialised for RCA.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from idmp_jax.models.layers import Linear, resize_nearest_torch
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+@functools.lru_cache(maxsize=None)
+def _backend() -> str:
+  return jax.default_backend()
+
+
+def resolve_implementation(implementation: str, dtype, head_dim: int) -> str:
+  """'auto' -> 'cudnn' on GPU for fp16/bf16 with a head size cuDNN takes, else 'xla'."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r}: expected one of {IMPLEMENTATIONS}")
+  if implementation != "auto":
+    return implementation
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if _backend() == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128:
+    return "cudnn"
+  return "xla"
+
+
+def dot_product_attention(q, k, v, *, mask=None, scale: Optional[float] = None, is_causal: bool = False,
+                          implementation: str = "auto"):
+  """softmax(q k^T * scale, masked) v.
+
+  q: (B, T, N, H); k, v: (B, S, N, H); mask: boolean, True = may attend, broadcastable to (B, N, T, S).
+  Logits and softmax are in fp32 on the XLA path (the reference computes them in its compute dtype; fp32 is the
+  parity target and costs little here).
+  """
+  impl = resolve_implementation(implementation, q.dtype, q.shape[-1])
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if impl == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=is_causal,
+                                        implementation="cudnn")
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+  if is_causal:
+    t, s = logits.shape[-2:]
+    causal = jnp.tril(jnp.ones((t, s), bool), k=s - t)
+    mask = causal if mask is None else jnp.logical_and(mask, causal)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+def rca_mask(region_masks, token_region, height: int, width: int):
+  """The RCA attention mask at one feature-map resolution (SPEC §3).
+
+  region_masks: (B, R, H0, W0) in {0, 1} (region 0 = everywhere), at the layout resolution (the image, 512x512);
+    resized to (height, width) with PyTorch's `nearest` rule straight from the layout, never chained.
+  token_region: (B, S) int, the region each text token belongs to (0 for BOS/EOS/padding).
+  Returns a boolean (B, 1, height*width, S): query position p may attend token t iff
+  region_masks[token_region[t]] is 1 at p.
+  """
+  rm = resize_nearest_torch(region_masks, (height, width), axes=(2, 3))
+  b, r = rm.shape[:2]
+  rm = rm.reshape(b, r, height * width) > 0.5
+  per_token = jnp.take_along_axis(rm, token_region.astype(jnp.int32)[:, :, None], axis=1)  # (B, S, HW)
+  return jnp.swapaxes(per_token, 1, 2)[:, None]
+
+
+class Attention(nn.Module):
+  """diffusers' Attention without its processor variety: projections, heads, optional mask.
+
+  `mask` is boolean, broadcastable to (B, heads, query_len, key_len); RCA passes `rca_mask(...)` here.
+  """
+  heads: int
+  dim_head: int
+  out_dim: Optional[int] = None
+  qkv_bias: bool = False
+  upcast: bool = False  # diffusers' upcast_attention: q and k in fp32 (our XLA path already softmaxes in fp32).
+  implementation: str = "auto"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None, mask=None):
+    context = x if context is None else context
+    inner = self.heads * self.dim_head
+    b = x.shape[0]
+    q = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
+    k = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(context)
+    v = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(context)
+    q = q.reshape(b, -1, self.heads, self.dim_head)
+    k = k.reshape(b, -1, self.heads, self.dim_head)
+    v = v.reshape(b, -1, self.heads, self.dim_head)
+    impl = self.implementation
+    if self.upcast:
+      q, k, impl = q.astype(jnp.float32), k.astype(jnp.float32), "xla"
+      v = v.astype(jnp.float32)
+    out = dot_product_attention(q, k, v, mask=mask, implementation=impl).astype(self.dtype)
+    out = out.reshape(b, -1, inner)
+    return Linear(self.out_dim or x.shape[-1], dtype=self.dtype, name="to_out_0")(out)

@@ -1,0 +1,128 @@
+"""The device mesh and the sharding rules: the one place that knows how arrays are laid out over devices.
+
+Mesh axes are ("data", "fsdp", "tensor"). Batches shard over ("data", "fsdp"). Parameters shard by rules:
+an ordered list of (regex over the '/'-joined param path, tactic), first match wins, where a tactic is
+  "replicate"  every device holds the whole array (frozen UNet weights, small things), or
+  "fsdp"       the largest axis divisible by the fsdp axis size is split over "fsdp" (replicated if none is).
+The same config runs on 1 CPU, 8 forced host devices, one GPU or a pod slice: only mesh sizes change.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def initialize_distributed(config) -> None:
+  """Starts jax.distributed for multi-process runs (one process per host), before anything touches devices.
+
+  Enabled by `config.distributed.coordinator_address` (with num_processes and process_id), or by the
+  environment jax.distributed reads itself on managed clusters (JAX_COORDINATOR_ADDRESS, SLURM, TPU pods).
+  """
+  dist = config.get("distributed", None)
+  address = dist.get("coordinator_address", "") if dist else ""
+  if address:
+    jax.distributed.initialize(coordinator_address=address, num_processes=dist.num_processes,
+                               process_id=dist.process_id,
+                               local_device_ids=dist.get("local_device_ids", None) or None)
+  elif os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize()
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+  """Axis sizes from `config.mesh` (data/fsdp/tensor; one of them may be -1 = all remaining devices)."""
+  sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if num_devices % known:
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not divisible "
+                       f"by {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                     f"{num_devices} are present")
+  return tuple(sizes)
+
+
+def make_mesh(config) -> Mesh:
+  mesh_config = config.get("mesh", None) or {"data": -1}
+  shape = mesh_shape(mesh_config, jax.device_count())
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_size_per_process(global_batch: int, mesh: Mesh) -> int:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch % shards:
+    raise ValueError(f"batch size {global_batch} is not divisible by the {shards} batch shards of the mesh "
+                     f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})")
+  if global_batch % jax.process_count():
+    raise ValueError(f"batch size {global_batch} is not divisible by {jax.process_count()} processes")
+  return global_batch // jax.process_count()
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+  """Host-local NumPy batch (this process's rows) -> global jax.Arrays sharded over the batch axes."""
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+  return jax.tree.map(put, batch)
+
+
+def _fsdp_spec(shape: Sequence[int], mesh: Mesh) -> P:
+  n = mesh.shape["fsdp"]
+  if n == 1:
+    return P()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % n == 0:
+      spec = [None] * len(shape)
+      spec[axis] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+TACTICS = ("replicate", "fsdp")
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] = ()) -> Any:
+  """A tree of NamedShardings for `abstract_params` from (regex, tactic) rules; unmatched params replicate."""
+  for pattern, tactic in rules:
+    if tactic not in TACTICS:
+      raise ValueError(f"sharding rule {pattern!r}: tactic {tactic!r} is not one of {TACTICS}")
+  compiled = [(re.compile(p), t) for p, t in rules]
+
+  def spec_for(path, leaf):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    for regex, tactic in compiled:
+      if regex.search(name):
+        return NamedSharding(mesh, _fsdp_spec(leaf.shape, mesh) if tactic == "fsdp" else P())
+    return NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(spec_for, abstract_params)
+
+
+def log_param_shardings(shardings: Any) -> None:
+  flat = traverse_util.flatten_dict(shardings) if isinstance(shardings, dict) else {}
+  sharded = sum(1 for s in flat.values() if any(a is not None for a in s.spec))
+  logging.info("params: %d arrays, %d sharded", len(flat), sharded)

@@ -1,0 +1,15 @@
+"""Jobs: each is a module with `run(config, workdir, mesh)`, chosen by `config.task`."""
+from __future__ import annotations
+
+import importlib
+
+# Imported lazily so a job does not pay for (or need the dependencies of) the others.
+TASKS = {
+    "unet_forward": "idmp_jax.tasks.unet_forward",
+}
+
+
+def get(name: str):
+  if name not in TASKS:
+    raise ValueError(f"config.task = {name!r} is not a known task; choose one of {sorted(TASKS)}")
+  return importlib.import_module(TASKS[name])
