@@ -1,0 +1,89 @@
+"""Inpainting input pipeline throughput: examples/s at 512 px (RCA on, training settings) per worker count.
+
+  python benchmarks/data_pipeline.py --workers 0 2                       # demo data, built in a temp dir
+  python benchmarks/data_pipeline.py --data-dir data/mm_inp_dataset --tokenizer models/sd2-inp --workers 8 16
+
+Without --data-dir it builds the demo dataset (scikit-image photographs, `--copies` variants per train image;
+`--long-side N` rescales its train images and masks so their longer side is N px, closer to WikiArt's sizes).
+Without --tokenizer it builds a CLIP tokenizer folder from open_clip's vocabulary (tests/tiny_clip_tokenizer.py;
+`pip install --no-deps open-clip-torch`). Each configuration runs `--warmup` batches (worker start-up) and then
+times `--batches` batches; examples/s = batches * batch_size / seconds. The target (issue 4): >= 250 examples/s
+on 16 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def rescale(root, split, long_side):
+  """Images (bicubic, JPEG) and their masks (nearest, PNG) to a longer side of `long_side` px."""
+  from PIL import Image
+  folder = os.path.join(root, "images", split)
+  for name in os.listdir(folder):
+    path = os.path.join(folder, name)
+    with Image.open(path) as im:
+      w, h = im.size
+      size = (long_side, round(h * long_side / w)) if w >= h else (round(w * long_side / h), long_side)
+      im.convert("RGB").resize(size, Image.BICUBIC).save(path)
+    masks = os.path.join(root, "masks", name[:-4])
+    for mask_name in os.listdir(masks):
+      with Image.open(os.path.join(masks, mask_name)) as m:
+        m.resize(size, Image.NEAREST).save(os.path.join(masks, mask_name))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--data-dir")
+  p.add_argument("--tokenizer")
+  p.add_argument("--split", default="train")
+  p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--batches", type=int, default=8)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--copies", type=int, default=8)
+  p.add_argument("--buffer", type=int, default=2, help="per-worker buffer (batches)")
+  p.add_argument("--long-side", type=int, help="rescale the demo's train images to this longer side")
+  args = p.parse_args()
+
+  from idmp_jax.data import InpaintingConfig, InpaintingSource, load_clip_tokenizer, make_loader
+  import grain
+
+  tmp = tempfile.mkdtemp(prefix="idmp_bench_")
+  if args.data_dir is None:
+    from data_prep.demo import make_demo_dataset
+    args.data_dir = make_demo_dataset(os.path.join(tmp, "demo"), copies=args.copies)
+    if args.long_side:
+      rescale(args.data_dir, args.split, args.long_side)
+  if args.tokenizer is None:
+    from tests.tiny_clip_tokenizer import make_clip_tokenizer_folder
+    args.tokenizer = make_clip_tokenizer_folder(os.path.join(tmp, "tokenizer"))
+  tokenizer = load_clip_tokenizer(args.tokenizer)
+  config = InpaintingConfig(resolution=512, rca=True, drop_caption_probability=0.1)
+  source = InpaintingSource(args.data_dir, args.split, tokenizer, config, seed=0)
+  print(f"{len(source)} {args.split} images in {args.data_dir}; batch {args.batch_size}; cores {os.cpu_count()}")
+  for workers in args.workers:
+    loader = make_loader(source, batch_size=args.batch_size, seed=0, num_epochs=None, worker_count=workers,
+                         worker_buffer_size=args.buffer, shard_options=grain.sharding.NoSharding(),
+                         drop_remainder=True)
+    it = iter(loader)
+    for _ in range(args.warmup):
+      next(it)
+    start = time.perf_counter()
+    for _ in range(args.batches):
+      batch = next(it)
+    seconds = time.perf_counter() - start
+    assert batch["pixel_values"].shape == (args.batch_size, 512, 512, 3)
+    print(f"workers={workers:3d}: {args.batches * args.batch_size / seconds:8.1f} examples/s "
+          f"({args.batches} batches in {seconds:.2f} s)", flush=True)
+    if hasattr(it, "close"):
+      it.close()
+
+
+if __name__ == "__main__":
+  main()
