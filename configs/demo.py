@@ -1,15 +1,32 @@
-"""The tiny demo: runs on one CPU core in a minute, no downloads.
+"""The tiny demo: runs on a CPU in minutes, no downloads.
 
-For now it runs a tiny random RCA UNet forward (task unet_forward); later issues make it paint.
-`python -m idmp_jax.main --config=configs/demo.py [--config.batch_size=4] [--config.unet.pretrained=DIR]`
+`python -m idmp_jax.main --config=configs/demo.py` paints the demo dataset's test split (real photographs shipped by
+scikit-image, built into the workdir) with a tiny random SD-2-inpainting-shaped pipeline (built into the workdir),
+RCA on, and writes PNGs + manifest.json under workdir/demo/. The paintings are noise: the weights are random.
+`configs/demo.py:unet` runs only a tiny random RCA UNet forward (RCA on and off).
 """
 import ml_collections
 
+from idmp_jax.tasks import inpaint_sample
+
 
 def get_config(arg=None):
-  del arg
-  c = ml_collections.ConfigDict()
+  if arg == "unet":
+    return unet_forward_config()
+  c = inpaint_sample.default_config()
   c.name = "demo"
+  c.model_dir = "tiny"
+  c.data_dir = "demo"
+  c.dtype = "float32"
+  c.resolution = 64          # The tiny VAE's 8x downscale gives 8x8 latents.
+  c.batch_size = 4
+  c.num_inference_steps = 10
+  return c
+
+
+def unet_forward_config():
+  c = ml_collections.ConfigDict()
+  c.name = "demo_unet"
   c.task = "unet_forward"
   c.seed = 0
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -21,9 +38,6 @@ def get_config(arg=None):
   c.num_masks = 3              # Masks per demo example (RCA regions = num_masks + background).
   c.unet = ml_collections.ConfigDict()
   c.unet.pretrained = ""       # A diffusers unet/ folder; empty: the tiny random UNet below.
-  c.unet.tiny = ml_collections.ConfigDict(dict(
-      in_channels=9, out_channels=4, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=(2, 4),
-      cross_attention_dim=32, norm_num_groups=8, use_linear_projection=True,
-      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-      sample_size=8))
+  from idmp_jax.tiny import TINY_UNET
+  c.unet.tiny = ml_collections.ConfigDict(TINY_UNET)
   return c

@@ -6,6 +6,8 @@ import importlib
 # Imported lazily so a job does not pay for (or need the dependencies of) the others.
 TASKS = {
     "unet_forward": "idmp_jax.tasks.unet_forward",
+    "inpaint_sample": "idmp_jax.tasks.inpaint_sample",
+    "inpaint_train": "idmp_jax.tasks.inpaint_train",
 }
 
 

@@ -1,0 +1,142 @@
+"""50-step multi-mask inpainting at 512 px with CFG, batch 8, bf16, full SD-2 inpainting shapes, random weights:
+seconds per image for our jitted sampler (RCA on and off) and, with --torch, diffusers' PyTorch pipeline (fp16, stock
+attention) built from the same shapes in the same run.
+
+  python benchmarks/sampling.py [--batch 8] [--steps 50] [--torch] [--small]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idmp_jax import sampling, tiny
+from idmp_jax.models import clip, unet, vae
+from idmp_jax.tasks.unet_forward import random_regions
+
+SD2_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32, latent_channels=4,
+               sample_size=768)
+SD2_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                num_attention_heads=16, hidden_act="gelu", eos_token_id=2, max_position_embeddings=77)
+
+
+def build(small: bool):
+  if small:
+    ucfg = unet.UNetConfig.from_dict(tiny.TINY_UNET)
+    vcfg = vae.AutoencoderKLConfig.from_dict(tiny.TINY_VAE)
+    tcfg = clip.CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=2, hidden_act="gelu", eos_token_id=2)
+  else:
+    ucfg, vcfg, tcfg = unet.UNetConfig(), vae.AutoencoderKLConfig.from_dict(SD2_VAE), clip.CLIPTextConfig(**SD2_TEXT)
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  params = dict(
+      unet=jax.jit(lambda k: unet.init_params(ucfg, k, size=8, seq=4))(k1),
+      vae=jax.jit(lambda k: vae.AutoencoderKL(vcfg).init(k, jnp.zeros((1, 16, 16, 3)))["params"])(k2),
+      text=jax.jit(lambda k: clip.CLIPTextTransformer(tcfg).init(k, jnp.zeros((1, 77), jnp.int32))["params"])(k3))
+  return sampling.Models(ucfg, vcfg, tcfg, dict(tiny.SD2_SCHEDULER)), params
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--steps", type=int, default=50)
+  p.add_argument("--size", type=int, default=512)
+  p.add_argument("--iters", type=int, default=3)
+  p.add_argument("--torch", action="store_true")
+  p.add_argument("--small", action="store_true")
+  p.add_argument("--out", default="")
+  args = p.parse_args()
+  if args.small:
+    args.size, args.steps, args.batch, args.iters = 64, 3, 2, 1
+  models, params = build(args.small)
+  params = sampling.cast_params(params, jnp.bfloat16)
+  rng = np.random.default_rng(0)
+  b, s = args.batch, args.size
+  rm, tr = random_regions(rng, b, s, num_masks=5, max_concepts=5)
+  batch = dict(pixel_values=jnp.asarray(rng.uniform(-1, 1, (b, s, s, 3)), jnp.float32),
+               mask=jnp.asarray(rm[:, 1:].max(1)[..., None] * (rm[:, 1:].min(1)[..., None] < 1), jnp.float32),
+               input_ids=jnp.asarray(rng.integers(1, 500, (b, 77)), jnp.int32),
+               uncond_ids=jnp.asarray(np.r_[[49406 if not args.small else 512], np.zeros(76)], jnp.int32),
+               token_region=jnp.asarray(tr), region_masks=jnp.asarray(rm))
+  lat = (s // 8, s // 8, 4)
+  noise = jnp.asarray(rng.standard_normal((b,) + lat), jnp.float32)
+  post = jnp.asarray(rng.standard_normal((b,) + lat), jnp.float32)
+  results = []
+  for rca in (True, False):
+    fn = jax.jit(sampling.make_sample_fn(models, sampling.SamplerOptions(num_inference_steps=args.steps,
+                                                                         dtype=jnp.bfloat16)))
+    bt = batch if rca else {k: v for k, v in batch.items() if k not in ("token_region", "region_masks")}
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(params, bt, noise, post))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(args.iters):
+      t0 = time.perf_counter()
+      out = jax.block_until_ready(fn(params, bt, noise, post))
+      times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    assert np.isfinite(np.asarray(out)).all()
+    results.append(dict(framework="jax", rca=rca, batch=b, steps=args.steps, s_per_batch=med, s_per_image=med / b,
+                        first_call_s=compile_s))
+    print(f"jax   rca={'on ' if rca else 'off'} b{b} {args.steps} steps: {med:.3f} s/batch = {med / b:.4f} s/img "
+          f"(first call incl. compile {compile_s:.1f} s)", flush=True)
+  if args.torch:
+    del params
+    try:
+      results.append(bench_torch(args))
+    except Exception as e:
+      print(f"torch FAILED: {type(e).__name__}: {e}", flush=True)
+  summary = dict(device=jax.devices()[0].device_kind, results=results, date=time.strftime("%Y-%m-%d"))
+  if args.out:
+    json.dump(summary, open(args.out, "w"), indent=2)
+  print(json.dumps(summary))
+
+
+def bench_torch(args):
+  import torch
+  from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+  from transformers import CLIPTextConfig, CLIPTextModel
+  torch.manual_seed(0)
+  with torch.device("cuda"):
+    u = UNet2DConditionModel(**{k: v for k, v in unet.UNetConfig().to_dict().items() if not k.startswith("_")})
+    v = AutoencoderKL(**SD2_VAE)
+    t = CLIPTextModel(CLIPTextConfig(**SD2_TEXT))
+  pipe = StableDiffusionInpaintPipeline(vae=v, text_encoder=t, tokenizer=None, unet=u,
+                                        scheduler=PNDMScheduler(**{k: x for k, x in tiny.SD2_SCHEDULER.items()
+                                                                   if not k.startswith("_")}),
+                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  pipe = pipe.to("cuda", torch.float16)
+  pipe.set_progress_bar_config(disable=True)
+  b, s = args.batch, args.size
+  image = torch.rand(b, 3, s, s, device="cuda", dtype=torch.float16) * 2 - 1
+  mask = (torch.rand(b, 1, s, s, device="cuda") > 0.5).to(torch.float16)
+  emb = torch.randn(b, 77, 1024, device="cuda", dtype=torch.float16)
+  def call():
+    return pipe(prompt_embeds=emb, negative_prompt_embeds=emb, image=image, mask_image=mask, height=s, width=s,
+                num_inference_steps=args.steps, guidance_scale=7.5, output_type="np")
+  call()
+  times = []
+  for _ in range(args.iters):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    call()
+    torch.cuda.synchronize()
+    times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  print(f"torch diffusers pipeline fp16 (stock attention, no RCA) b{b} {args.steps} steps: {med:.3f} s/batch = "
+        f"{med / b:.4f} s/img", flush=True)
+  return dict(framework="torch", rca=False, batch=b, steps=args.steps, s_per_batch=med, s_per_image=med / b)
+
+
+if __name__ == "__main__":
+  main()

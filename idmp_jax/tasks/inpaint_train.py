@@ -1,0 +1,238 @@
+"""LoRA fine-tuning of the (RCA) SD-2 inpainting UNet: SD-2-Inp-RCA-FineTuned and SD-2-Inp-FineTuned (SPEC §5).
+
+`python -m idmp_jax.main --config=configs/rca.py --config.model_dir=/path/stable-diffusion-2-inpainting
+ --config.data_dir=/path/mm_inp_dataset --workdir=runs/rca`; `configs/rca.py:demo` runs a tiny random pipeline
+on the demo dataset on CPU. The same command resumes from the latest checkpoint in --workdir.
+
+Writes under workdir: checkpoints/<step>/ (Orbax), tensorboard/, metrics.jsonl, lora/epoch_<e>/ (each epoch's
+adapter in diffusers' format, written before the early-stopping test, like the original), export/lora/ and
+export/unet/ (the final adapter and the merged UNet folder).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from idmp_jax import parallel, schedulers
+from idmp_jax.data import InpaintingConfig, InpaintingSource, load_clip_tokenizer
+from idmp_jax.models import clip, lora, unet, vae
+from idmp_jax.train import checkpoint, diffusion, input as train_input, loop, metrics, optimizer as optim
+
+BATCH_KEYS = ("pixel_values", "masked_pixel_values", "mask", "input_ids", "valid")
+RCA_KEYS = ("token_region", "region_masks")
+
+
+def _demo_inputs(config, workdir: str) -> tuple[str, str]:
+  """model_dir / data_dir, writing the tiny random pipeline and the demo dataset under workdir when the config
+  leaves them empty (process 0 writes; the workdir is shared, as Orbax needs for multi-host anyway)."""
+  model_dir, data_dir = config.model_dir, config.data_dir
+  if model_dir and data_dir:
+    return model_dir, data_dir
+  model_dir = model_dir or os.path.join(workdir, "tiny_pipeline")
+  data_dir = data_dir or os.path.join(workdir, "demo_data", "mm_inp_dataset")
+  if jax.process_index() == 0:
+    if not os.path.exists(os.path.join(model_dir, "model_index.json")):
+      from idmp_jax.train.tiny import write_tiny_pipeline
+      write_tiny_pipeline(model_dir, seed=config.seed)
+    if not os.path.isdir(os.path.join(data_dir, "images")):
+      from data_prep.demo import make_demo_dataset
+      make_demo_dataset(os.path.dirname(data_dir), copies=config.get("demo_copies", 1))
+  multihost_utils.sync_global_devices("inpaint_train demo inputs")
+  return model_dir, data_dir
+
+
+def _cast(tree, dtype):
+  """Frozen weights to the storage dtype (the original keeps them fp16); LoRA scalars stay fp32."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x if lora.is_lora(tuple(getattr(k, "key", k) for k in p)) else np.asarray(x).astype(dtype), tree)
+
+
+def run(config, workdir: str, mesh):
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  dtype, frozen_dtype = jnp.dtype(config.dtype), jnp.dtype(config.frozen_dtype)
+
+  # ---- Models --------------------------------------------------------------------------------------------
+  model_dir, data_dir = _demo_inputs(config, workdir)
+  ucfg, unet_params = unet.load_pretrained(os.path.join(model_dir, "unet"))
+  vcfg, vae_params = vae.load_vae(os.path.join(model_dir, "vae"))
+  tcfg, text_params = clip.load_text_encoder(os.path.join(model_dir, "text_encoder"))
+  ddpm = schedulers.from_config(schedulers.load_scheduler_config(model_dir), class_name="DDPMScheduler")
+  tokenizer = load_clip_tokenizer(model_dir)
+  prediction_type = config.prediction_type or ddpm.prediction_type
+  models = diffusion.Models(
+      unet=unet.UNet2DConditionModel(ucfg, dtype=dtype, attention_impl=config.attention, remat=config.remat),
+      vae=vae.AutoencoderKL(vcfg, dtype=dtype, attention_impl=config.attention),
+      text=clip.CLIPTextTransformer(tcfg, attention_impl=config.attention, dtype=dtype),
+      vae_config=vcfg, ddpm=ddpm, rca=config.rca, prediction_type=prediction_type,
+      noise_offset=config.noise_offset, snr_gamma=config.snr_gamma, vae_batch_chunks=config.vae_batch_chunks)
+
+  root_key = jax.random.key(config.seed)
+  params = lora.init_lora(unet_params, jax.random.fold_in(root_key, 0), config.lora.rank, config.lora.alpha,
+                          tuple(config.lora.targets), config.lora.init, config.lora.dropout)
+  trainable, frozen_unet = lora.split(params)
+  del unet_params, params
+  frozen = {"unet": _cast(frozen_unet, frozen_dtype),
+            "vae": _cast({k: vae_params[k] for k in ("encoder", "quant_conv") if k in vae_params}, frozen_dtype),
+            "text": _cast(text_params, frozen_dtype)}
+  adapter_scalars = lora.split(frozen_unet, lambda p: p[-1] in ("lora_scale", "lora_dropout"))[0]
+  del frozen_unet, vae_params, text_params
+
+  # ---- Data ----------------------------------------------------------------------------------------------
+  data_config = InpaintingConfig(resolution=config.resolution, max_concepts=config.max_concepts,
+                                 masked_area_threshold=config.masked_area_threshold,
+                                 shuffle_concepts=config.shuffle_concepts,
+                                 drop_caption_probability=config.drop_caption_probability, rca=config.rca)
+  train_source = InpaintingSource(data_dir, "train", tokenizer, data_config, seed=config.seed)
+  val_source = InpaintingSource(data_dir, "val", tokenizer,
+                                dataclasses.replace(data_config, drop_caption_probability=0.0), seed=config.seed)
+  steps_per_epoch = train_input.steps_per_epoch(len(train_source), config.batch_size)
+  total_steps = config.num_epochs * steps_per_epoch
+  if config.max_steps > 0:
+    total_steps = min(total_steps, config.max_steps)
+  parallel.batch_size_per_process(config.batch_size, mesh)  # Fails early on a batch the mesh cannot split.
+  loader = lambda source, epoch, shuffle: train_input.epoch_loader(
+      source, global_batch=config.batch_size, epoch=epoch, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(), shuffle=shuffle, worker_count=config.data_workers)
+  batch_keys = BATCH_KEYS + (RCA_KEYS if config.rca else ())
+
+  # ---- Shardings and state -------------------------------------------------------------------------------
+  tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch)
+  replicated = parallel.replicated(mesh)
+  frozen = jax.device_put(frozen, parallel.param_shardings(frozen, mesh, [tuple(r) for r in config.sharding_rules]))
+  state = jax.jit(lambda p: diffusion.init_state(p, tx, config.seed), out_shardings=replicated)(
+      jax.device_put(trainable, replicated))
+  # Step randomness: fold_in(rng, step), rng = fold_in(root, 1); validation keys from fold_in(root, 2).
+  state = state.replace(rng=jax.device_put(jax.random.key_data(jax.random.fold_in(root_key, 1)), replicated))
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  train_step = jax.jit(diffusion.make_train_step(models, tx, schedule), donate_argnums=(0,),
+                       out_shardings=(state_sharding, replicated))
+  eval_step = jax.jit(diffusion.make_eval_step(models), out_shardings=replicated)
+  val_key = jax.random.fold_in(root_key, 2)
+  logging.info("inpaint_train: %s LoRA weights (rank %d) on %d attention projections; %d train / %d val examples; "
+               "%d steps/epoch, %d steps; mesh %s", f"{lora.count(trainable):,}", config.lora.rank,
+               len(jax.tree.leaves(trainable)) // 2,
+               len(train_source), len(val_source), steps_per_epoch, total_steps, dict(mesh.shape))
+
+  # ---- Resume --------------------------------------------------------------------------------------------
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                                 config_json=json.loads(config.to_json()))
+  meta = {"epoch": 0, "val_losses": [], "stopped_early": False}
+  epoch_iter = None
+  latest = ckpt.latest_step()
+  if latest is not None:
+    meta = ckpt.restore_meta(latest)
+    epoch_iter = iter(loader(train_source, meta["epoch"], True))
+    state = ckpt.restore(latest, checkpoint.abstract_like(state), epoch_iter)
+    logging.info("resumed from %s/checkpoints/%d (epoch %d)", workdir, latest, meta["epoch"])
+  step = int(jax.device_get(state.step))
+
+  # ---- Helpers -------------------------------------------------------------------------------------------
+  writer = metrics.create_writer(workdir, is_main)
+  if latest is None:
+    writer.write_hparams({k: str(v) for k, v in _flat_config(config).items()})
+  progress = metrics.Progress(total_steps, step, enabled=is_main and config.progress_bar)
+  last_saved = {"step": latest}
+  step_metrics = loop.StepMetrics(writer, config.log_every_steps, progress, lambda: last_saved["step"])
+
+  def save(at_step, data_iterator):
+    step_metrics.drain()  # Every loss up to here is finite, or this raises before anything is written.
+    ckpt.save(at_step, state, data_iterator, meta)
+    last_saved["step"] = at_step
+
+  def export_lora(folder):
+    if is_main:
+      lora.save_diffusers_lora(folder, lora.merge(jax.device_get(state.params), adapter_scalars), unet.LIST_NAMES)
+
+  def validate() -> float:
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(loader(val_source, 0, False)):
+      s, n = eval_step(state.params, frozen, parallel.shard_batch(train_input.device_fields(batch, batch_keys),
+                                                                   mesh), jax.random.fold_in(val_key, i))
+      total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+  # ---- Train ---------------------------------------------------------------------------------------------
+  epoch = meta["epoch"]
+  try:
+    while step < total_steps and epoch < config.num_epochs and not meta["stopped_early"]:
+      epoch_iter = epoch_iter if epoch_iter is not None else iter(loader(train_source, epoch, True))
+      in_epoch = step - epoch * steps_per_epoch  # Batches of this epoch already done.
+      for batch in epoch_iter:
+        in_epoch += 1
+        info = {"epoch": epoch + 1, "batch": in_epoch,
+                "stems": [train_source.stems[i] for i, v in zip(batch["index"], batch["valid"]) if v]}
+        state, step_out = train_step(state, frozen, parallel.shard_batch(
+            train_input.device_fields(batch, batch_keys), mesh))
+        step += 1
+        step_metrics.push(step, step_out, info)
+        if step >= total_steps:
+          break
+        if step % config.checkpoint_every_steps == 0 and in_epoch < steps_per_epoch:
+          save(step, epoch_iter)
+      if in_epoch < steps_per_epoch:
+        break  # max_steps reached mid-epoch.
+
+      # End of epoch: validation, the epoch's adapter, then early stopping (the original's order).
+      step_metrics.drain()
+      val_loss = validate()
+      meta["val_losses"].append(val_loss)
+      writer.write_scalars(step, {"val_loss": val_loss, "epoch": epoch + 1})
+      export_lora(os.path.join(workdir, "lora", f"epoch_{epoch + 1}"))
+      if config.early_stopping and len(meta["val_losses"]) > 1 and val_loss > meta["val_losses"][-2]:
+        logging.info("early stopping after epoch %d: validation loss %.6f > %.6f", epoch + 1, val_loss,
+                     meta["val_losses"][-2])
+        meta["stopped_early"] = True
+      epoch += 1
+      meta["epoch"] = epoch
+      epoch_iter = iter(loader(train_source, epoch, True))
+      save(step, epoch_iter)
+      step_metrics.restart_clock()
+
+    # ---- Final save and export ---------------------------------------------------------------------------
+    step_metrics.drain()
+    if last_saved["step"] != step:
+      save(step, epoch_iter if epoch_iter is not None else iter(loader(train_source, epoch, True)))
+    ckpt.wait()
+  except loop.NonFiniteLossError as e:
+    ckpt.wait()  # The last save (checked finite) completes; nothing after it is written.
+    logging.error("%s", e)
+    writer.close()
+    progress.close()
+    raise
+  progress.close()
+  export_lora(os.path.join(workdir, "export", "lora"))
+  if is_main and config.export_merged_unet:
+    _, base = unet.load_pretrained(os.path.join(model_dir, "unet"))  # fp32 base: merge without rounding to bf16
+    merged = lora.merge_lora(lora.merge(base, jax.device_get(state.params), adapter_scalars))
+    unet.save_pretrained(os.path.join(workdir, "export", "unet"), ucfg, merged)
+  writer.flush()
+  writer.close()
+  ckpt.close()
+  summary = {"step": step, "epochs_done": epoch, "val_losses": meta["val_losses"],
+             "stopped_early": meta["stopped_early"], "workdir": workdir}
+  logging.info("inpaint_train done: %s", summary)
+  return summary
+
+
+def _flat_config(config) -> dict:
+  out = {}
+
+  def walk(prefix, node):
+    for k, v in node.items():
+      if hasattr(v, "items"):
+        walk(f"{prefix}{k}.", v)
+      else:
+        out[prefix + k] = v
+
+  walk("", config)
+  return out
