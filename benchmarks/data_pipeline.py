@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -83,6 +84,7 @@ def main():
           f"({args.batches} batches in {seconds:.2f} s)", flush=True)
     if hasattr(it, "close"):
       it.close()
+  shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

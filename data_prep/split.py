@@ -22,6 +22,8 @@ from data_prep import common
 
 def split_dataset(image_dir, masks_dir, split_csv=None, random_seed: int | None = None, num_val: int = 5000,
                   num_test: int = 5000) -> int:
+  if split_csv is None and random_seed is None:
+    raise ValueError("split needs a split CSV (--split-csv) or --random-seed")
   image_dir, masks_dir = os.fspath(image_dir), os.fspath(masks_dir)
   files = sorted(f for f in os.listdir(image_dir) if f.endswith(".jpg") and
                  os.path.isfile(os.path.join(image_dir, f)))
@@ -56,8 +58,6 @@ def split_dataset(image_dir, masks_dir, split_csv=None, random_seed: int | None 
     for idx, split in ((train, "train"), (val, "val"), (test, "test")):
       for i in idx:
         assignment[annotated[i]] = split
-  else:
-    raise ValueError("split needs a split CSV (--split-csv) or --random-seed")
 
   moved = 0
   for file_name, split in assignment.items():

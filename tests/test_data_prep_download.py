@@ -84,7 +84,7 @@ FAULTS = {0: [], 1: ["500", "500"], 2: ["429"], 3: ["timeout"], 4: ["cut", "bad"
 
 @pytest.fixture
 def site(tmp_path):
-  images, faults, rows = {}, {}, []
+  images, rows = {}, []
   server = FaultyWikiArt(images, {})
   port = server.server_address[1]
   for i, fault in FAULTS.items():

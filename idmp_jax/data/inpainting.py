@@ -174,8 +174,8 @@ class InpaintingConfig:
 def select_masks(names: Sequence[str], masks: Mapping[str, np.ndarray], config: InpaintingConfig,
                  rng: np.random.Generator) -> list[str]:
   """Steps 2-3: area sort (largest first, stable), keep max_concepts (or one uniformly random entity when
-  max_concepts == 1), optional shuffle. Areas are exact integer pixel sums of the 0..255 masks, which order
-  exactly like the original's float sums of mask / 255."""
+  max_concepts == 1), optional shuffle. Areas are exact integer sums of the uint8 masks: for the dataset's 0/255
+  masks they order exactly like the original's float32 sums of mask / 255."""
   areas = [int(masks[n].sum(dtype=np.int64)) for n in names]
   order = sorted(range(len(names)), key=lambda i: areas[i], reverse=True)  # stable, like the original's sorted
   if config.max_concepts == 1:
