@@ -113,7 +113,7 @@ def bench_torch(args):
     t = CLIPTextModel(CLIPTextConfig(**SD2_TEXT))
   pipe = StableDiffusionInpaintPipeline(vae=v, text_encoder=t, tokenizer=None, unet=u,
                                         scheduler=PNDMScheduler(**{k: x for k, x in tiny.SD2_SCHEDULER.items()
-                                                                   if not k.startswith("_")}),
+                                                                   if not k.startswith("_") and k != "clip_sample"}),
                                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
   pipe = pipe.to("cuda", torch.float16)
   pipe.set_progress_bar_config(disable=True)
