@@ -11,6 +11,7 @@ export/unet/ (the final adapter and the merged UNet folder).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -100,9 +101,13 @@ def run(config, workdir: str, mesh):
   if config.max_steps > 0:
     total_steps = min(total_steps, config.max_steps)
   parallel.batch_size_per_process(config.batch_size, mesh)  # Fails early on a batch the mesh cannot split.
+  # Examples shrink in the workers (bf16 pixels, no masked copy, strided region masks): less IPC and transfer.
+  compact = functools.partial(train_input.compact, pixel_dtype=jnp.dtype(dtype).name,
+                              region_stride=train_input.region_stride(
+                                  config.resolution, config.resolution // vcfg.downscale, len(ucfg.block_out_channels)))
   loader = lambda source, epoch, shuffle: train_input.epoch_loader(
       source, global_batch=config.batch_size, epoch=epoch, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(), shuffle=shuffle, worker_count=config.data_workers)
+      process_count=jax.process_count(), shuffle=shuffle, worker_count=config.data_workers, transform=compact)
   batch_keys = BATCH_KEYS + (RCA_KEYS if config.rca else ())
 
   # ---- Shardings and state -------------------------------------------------------------------------------
