@@ -1,0 +1,265 @@
+"""LLaVA-NeXT (vicuna-7b shape) generation throughput with random weights, as BENCHMARKS.md reports.
+
+  python benchmarks/llava.py [--batches 4,32] [--new-tokens 40] [--out results.json]
+  python benchmarks/llava.py --small      # CPU smoke test of the script itself
+
+Method: bf16 weights, compute and KV cache; one 672x672 image per row (5 views -> 2928 image tokens) and 96
+text tokens = a 3024-token prompt, the same prompt in every row; greedy, no EOS, so every row makes
+--new-tokens tokens. A warm-up call compiles; then the median of --iters timed calls with block_until_ready:
+  prefill  vision tower + projector + the 3024-token prompt into the cache, and the first token;
+  decode   the remaining new tokens (one device while-loop call).
+Reported: decode new tokens/s (the steady state the BASELINES ceiling speaks of: weights read once per step),
+end-to-end new tokens/s (prefill included, what transformers' generate was timed at), the weights-only
+bandwidth bound (datasheet HBM bandwidth: H100 3.35, H200 4.8 TB/s) and the fraction of it reached, and peak
+device memory. Note the KV cache a step also reads: 1.6 GB per row at 3064 tokens (6.4 GB at batch 4).
+The decoder prefill runs --prefill-rows rows at a time (batch 32 does not fit in 80 GB otherwise).
+LoRA training step (--lora-batches): r16/alpha16/dropout 0.05 on q/k/v/o/gate/up/down of the decoder, frozen
+bf16 base, fp32 adapters, AdamW + clip 0.5, cross-entropy on the last 64 tokens (the answer), remat policy
+--remat over the decoder layers; reported as prompt tokens/s (batch * 3024 / step time), as BASELINES.md does.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The batch-32 KV cache alone is ~51 GB: let JAX's allocator have the card (its default is 75%).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.97")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from idmp_jax.models import clip, generation, llama, lora
+from idmp_jax.models import llava_next as ln
+
+# Datasheet HBM bandwidth by card (BASELINES.md's ceiling uses the H100's).
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+def hbm_bytes_per_s() -> float:
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in HBM_BYTES_PER_S.items() if k in kind), HBM_BYTES_PER_S["H100"])
+TEXT_TOKENS = 96
+ANSWER_TOKENS = 64
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def small_config() -> ln.LlavaNextConfig:
+  text = llama.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=1024)
+  vision = clip.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                 image_size=32, patch_size=8)
+  return ln.LlavaNextConfig(text_config=text, vision_config=vision, image_token_index=511,
+                            image_grid_pinpoints=((32, 64), (64, 32), (64, 64), (96, 32), (32, 96)))
+
+
+def random_params(config: ln.LlavaNextConfig, dtype, seed: int = 0):
+  """Random weights made on the device directly in `dtype` (no fp32 copy of 7B): N(0, 0.02), norms 1, biases 0.
+  Leaf by leaf, one small compiled draw per distinct shape (one jit over all leaves compiles for minutes)."""
+  draw = jax.jit(lambda key, shape: (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype),
+                 static_argnums=1)
+  paths, treedef = jax.tree_util.tree_flatten_with_path(ln.abstract_params(config))
+  out = []
+  for i, (path, leaf) in enumerate(paths):
+    name = path[-1].key
+    if name == "scale":
+      out.append(jnp.ones(leaf.shape, dtype))
+    elif name == "bias":
+      out.append(jnp.zeros(leaf.shape, dtype))
+    else:
+      out.append(draw(jax.random.PRNGKey(seed * 100003 + i), tuple(leaf.shape)))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def make_inputs(config: ln.LlavaNextConfig, batch: int, image_px: int, rng):
+  """`batch` copies of one prompt: text tokens around one `<image>` of image_px x image_px (random pixel values:
+  the processor's output does not change the timing, and this keeps the script free of the data package)."""
+  size = (image_px, image_px)
+  n_feat = ln.num_image_features(size, config)
+  vocab = config.text_config.vocab_size
+  text = [t if t != config.image_token_index else 3 for t in rng.integers(3, vocab, TEXT_TOKENS).tolist()]
+  seq = [1] + text[:34] + [config.image_token_index] * n_feat + text[34:TEXT_TOKENS - 1]  # System, image, rest.
+  s = config.vision_config.image_size
+  views = ln.num_views(size, config) * batch
+  pix = rng.standard_normal((views, 3, s, s), np.float32)
+  return {"input_ids": jnp.asarray(np.tile(np.asarray(seq, np.int32), (batch, 1))),
+          "attention_mask": jnp.ones((batch, len(seq)), jnp.int32),
+          "pixel_values": jnp.asarray(pix, jnp.bfloat16),
+          "feature_index": jnp.asarray(ln.image_feature_index([size] * batch, config))}
+
+
+def peak_memory_gib() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use", 0) / 2 ** 30 if stats else None
+
+
+def bench_generation(args, config, params, results):
+  model = ln.LlavaNextForConditionalGeneration(config, dtype=jnp.bfloat16, attention_impl=args.attention)
+  lm_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["language_model"]))
+  step_floor = lm_bytes / hbm_bytes_per_s()
+  rng = np.random.default_rng(0)
+  for batch in args.batches:
+    inputs = make_inputs(config, batch, args.image, rng)
+    seq_len = int(inputs["input_ids"].shape[1])
+    gen = generation.Generator(model, generation.GenerationConfig(
+        max_new_tokens=args.new_tokens, pad_token_id=0, chunk_size=args.new_tokens,
+        prefill_rows=math.gcd(batch, args.prefill_rows or batch)))
+    try:
+      t0 = time.perf_counter()
+      tokens, _ = gen(params, inputs)  # Warm-up: compiles prefill and decode for this shape.
+      compile_s = time.perf_counter() - t0
+      prefill_t, decode_t = [], []
+      for _ in range(args.iters):
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(gen.prefill(params, inputs))
+        t1 = time.perf_counter()
+        state = jax.block_until_ready(gen.decode(params, state))
+        t2 = time.perf_counter()
+        prefill_t.append(t1 - t0)
+        decode_t.append(t2 - t1)
+        assert int(state["step"]) == args.new_tokens
+      del state
+    except Exception as e:  # noqa: BLE001 -- an out-of-memory batch is a result, not a crash.
+      msg = str(e).splitlines()[0][:200]
+      print(f"batch {batch}: FAILED ({type(e).__name__}: {msg})", flush=True)
+      results.append({"bench": "generate", "batch": batch, "error": f"{type(e).__name__}: {msg}"})
+      continue
+    p, d = statistics.median(prefill_t), statistics.median(decode_t)
+    steps = args.new_tokens - 1
+    row = {
+        "bench": "generate", "batch": batch, "prompt_tokens": seq_len, "new_tokens": args.new_tokens,
+        "prefill_s": p, "decode_s": d, "decode_ms_per_step": 1e3 * d / steps,
+        "decode_new_tokens_per_s": batch * steps / d, "end_to_end_new_tokens_per_s": batch * args.new_tokens / (p + d),
+        "weights_only_bound_tokens_per_s": batch / step_floor, "fraction_of_bound": step_floor / (d / steps),
+        "lm_weight_gb": lm_bytes / 1e9, "warmup_s": compile_s, "peak_gib": peak_memory_gib(),
+        "first_tokens": tokens[0, :8].tolist(),
+    }
+    results.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def bench_lora(args, config, params, results):
+  import optax
+  model = ln.LlavaNextForConditionalGeneration(config, dtype=jnp.bfloat16, attention_impl=args.attention,
+                                               remat_policy=args.remat)
+  adapted = lora.init_lora(params["language_model"], jax.random.PRNGKey(1), rank=16, alpha=16.0,
+                           targets=LORA_TARGETS, init="gaussian", dropout=0.05)
+  trainable, frozen = lora.split(dict(params, language_model=adapted))
+  tx = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01))
+
+  def forward(m, ids, pix, index, mask):  # Logits of the answer positions only (the loss needs no others).
+    h, _ = m.language_model.model(inputs_embeds=m.embed(ids, pix, index), attention_mask=mask)
+    return m.language_model.logits(h[:, -ANSWER_TOKENS - 1:-1])
+
+  def loss_fn(trainable, frozen, batch, rng):
+    logits = model.apply({"params": lora.merge(trainable, frozen)}, batch["input_ids"], batch["pixel_values"],
+                         batch["feature_index"], batch["attention_mask"], method=forward,
+                         rngs={lora.DROPOUT_RNG: rng})
+    labels = batch["input_ids"][:, -ANSWER_TOKENS:]
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+  def step(trainable, opt_state, frozen, batch, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch, rng)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  rng = np.random.default_rng(1)
+  for batch in args.lora_batches:
+    inputs = make_inputs(config, batch, args.image, rng)
+    seq_len = int(inputs["input_ids"].shape[1])
+    state = (jax.tree.map(jnp.copy, trainable), None)
+    try:
+      state = (state[0], tx.init(state[0]))
+      t0 = time.perf_counter()
+      tr, opt, loss = step(*state, frozen, inputs, jax.random.PRNGKey(0))
+      loss0 = float(loss)  # The first step's loss (before any update).
+      compile_s = time.perf_counter() - t0
+      times = []
+      for i in range(args.iters + 1):
+        t0 = time.perf_counter()
+        tr, opt, loss = step(tr, opt, frozen, inputs, jax.random.PRNGKey(i + 1))
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+      del tr, opt
+    except Exception as e:  # noqa: BLE001 -- out of memory at a batch is a result.
+      msg = str(e).splitlines()[0][:200]
+      print(f"LoRA batch {batch}: FAILED ({type(e).__name__}: {msg})", flush=True)
+      results.append({"bench": "lora_step", "batch": batch, "remat": args.remat,
+                      "error": f"{type(e).__name__}: {msg}"})
+      continue
+    t = statistics.median(times[1:])
+    row = {"bench": "lora_step", "batch": batch, "remat": args.remat, "seq_len": seq_len, "step_s": t,
+           "tokens_per_s": batch * seq_len / t, "loss_first": loss0, "loss_last": float(loss), "warmup_s": compile_s,
+           "trainable": lora.count(trainable), "peak_gib": peak_memory_gib()}
+    results.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--small", action="store_true", help="tiny config on CPU: checks the script runs")
+  parser.add_argument("--batches", default="4,32")
+  parser.add_argument("--new-tokens", type=int, default=40)
+  parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--prefill-rows", type=int, default=2, help="decoder prefill rows at a time (0 = all)")
+  parser.add_argument("--lora-batches", default="1,4", help="'' to skip the LoRA step")
+  parser.add_argument("--remat", default="dots", choices=tuple(llama.REMAT_POLICIES))
+  parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
+  parser.add_argument("--layers", type=int, default=0, help="override the decoder depth (quick experiments)")
+  parser.add_argument("--out", default="")
+  args = parser.parse_args()
+  args.batches = [int(b) for b in args.batches.split(",") if b]
+  args.lora_batches = [int(b) for b in args.lora_batches.split(",") if b]
+  if args.small:
+    config, args.image = small_config(), 64
+    args.batches, args.new_tokens, args.iters, args.prefill_rows = [2, 4], 6, 1, 2
+    args.lora_batches = [2] if args.lora_batches else []
+  else:
+    config, args.image = ln.LlavaNextConfig(), 672
+  if args.layers:
+    config = dataclasses.replace(config, text_config=dataclasses.replace(config.text_config,
+                                                                         num_hidden_layers=args.layers))
+  print(f"devices: {jax.devices()}", flush=True)
+  t0 = time.perf_counter()
+  params = jax.block_until_ready(random_params(config, jnp.bfloat16))
+  n = sum(x.size for x in jax.tree.leaves(params))
+  print(f"random params: {n / 1e9:.2f}B in {time.perf_counter() - t0:.1f}s", flush=True)
+  results = []
+  bench_generation(args, config, params, results)
+  bench_lora(args, config, params, results)
+  print(f"\n{'batch':>5} {'prompt':>6} {'prefill s':>9} {'ms/step':>8} {'decode tok/s':>12} {'e2e tok/s':>9} "
+        f"{'bound':>7} {'frac':>5} {'peak GiB':>8}")
+  for r in results:
+    if r["bench"] != "generate":
+      continue
+    if "error" in r:
+      print(f"{r['batch']:>5} {r['error']}")
+      continue
+    peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+    print(f"{r['batch']:>5} {r['prompt_tokens']:>6} {r['prefill_s']:>9.3f} {r['decode_ms_per_step']:>8.2f} "
+          f"{r['decode_new_tokens_per_s']:>12.0f} {r['end_to_end_new_tokens_per_s']:>9.0f} "
+          f"{r['weights_only_bound_tokens_per_s']:>7.0f} {r['fraction_of_bound']:>5.2f} {peak:>8}")
+  lora_rows = [r for r in results if r["bench"] == "lora_step"]
+  if lora_rows:
+    print(f"\n{'LoRA b':>6} {'remat':>5} {'step s':>7} {'tok/s':>7} {'peak GiB':>8}")
+  for r in lora_rows:
+    if "error" in r:
+      print(f"{r['batch']:>6} {r['remat']:>5} {r['error']}")
+      continue
+    peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+    print(f"{r['batch']:>6} {r['remat']:>5} {r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f} {peak:>8}")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"device": str(jax.devices()[0]), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
