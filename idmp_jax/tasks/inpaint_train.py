@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
