@@ -78,3 +78,34 @@ def test_bad_inputs_fail_before_compute_naming_the_path(demo_run, demo_config, t
   c.lora = str(tmp_path / "missing_lora.safetensors")
   with pytest.raises(FileNotFoundError, match="missing_lora"):
     inpaint_sample.run(c, str(tmp_path / "w4"), mesh)
+
+
+def test_sampler_output_evaluates_end_to_end(demo_run, tmp_path, capsys):
+  """What the sampler writes (images + manifest) is what `python -m eval inpainting` reads: sampler -> eval -> table."""
+  from eval import fid, inpainting
+  from tests.test_eval_e2e import TinyInception
+  from tests.test_eval_models import random_lpips_files, tiny_clip_folder, tiny_clip_resnet_file
+  workdir, _, _ = demo_run
+  d = tmp_path / "models"
+  d.mkdir()
+  backbone, lin = random_lpips_files(d)
+  (d / fid.WEIGHTS_NAME).write_bytes(b"stand-in")
+  original = fid.load_fid_inception
+  fid.load_fid_inception = lambda path, device="cpu": TinyInception().eval().to(device)
+  try:
+    args = ["--preds", os.path.join(workdir, "images"), "--manifest", os.path.join(workdir, "manifest.json"),
+            "--dataset", os.path.join(workdir, "demo_data", "mm_inp_dataset"), "--split", "test",
+            "--out", str(tmp_path / "eval"), "--resolution", "64", "--device", "cpu", "--batch-size", "2",
+            "--num-workers", "1", "--clip", tiny_clip_folder(d / "clip"), "--clip-iqa",
+            tiny_clip_resnet_file(d / "RN50.pt"), "--squeezenet", backbone, "--lpips-lin", lin,
+            "--inception", str(d / fid.WEIGHTS_NAME)]
+    assert inpainting.main(args) == 0
+  finally:
+    fid.load_fid_inception = original
+  result = json.load(open(tmp_path / "eval" / "metrics.json"))
+  manifest = json.load(open(os.path.join(workdir, "manifest.json")))
+  assert result["num_images"] == len(manifest)
+  assert result["metrics"]["all"]["num_masks"] == sum(e["num_masks"] for e in manifest.values())
+  for key in ("psnr", "lpips", "clip_iqa", "clipsim_i2i", "clipsim_t2i", "fid"):
+    assert np.isfinite(result["metrics"]["all"][key]), key
+  assert "| " in (tmp_path / "eval" / "metrics.md").read_text()
