@@ -11,6 +11,7 @@ Steps (original command in brackets):
   split                         [ops train-val-test-split]
   validate                      list every problem of a dataset, with paths
   make-demo-dataset             a small dataset from scikit-image's photographs
+  build-tfds                    TFDS/ArrayRecord build of a dataset (needs the `tfds` extra)
 Every step exits 0 on success, 1 when it finished with problems it reported, 2 on a usage error.
 """
 from __future__ import annotations
@@ -87,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
                                                   "mm_inp_dataset/")
   s.add_argument("--copies", type=int, default=1, help="variants per train photograph")
   s.add_argument("--spacy-model", help="compute noun-chunk roots with this spaCy pipeline instead of the table")
+
+  s = sub.add_parser("build-tfds", help="TFDS ArrayRecord shards of a dataset (resumable, shardable)")
+  s.add_argument("--data-dir", required=True, help="the dataset root (mm_inp_dataset)")
+  s.add_argument("--out", required=True, help="TFDS data dir: gets idmp_inpainting/<version>/")
+  s.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+  s.add_argument("--examples-per-shard", type=int, default=1000)
+  s.add_argument("--num-processes", type=int, default=1)
+  s.add_argument("--process-id", type=int, default=0)
+  s.add_argument("--num-threads", type=int, help="decoding threads (default: cores, at most 8)")
   return p
 
 
@@ -143,4 +153,18 @@ def main(argv=None, captioner=None) -> int:
     root = demo.make_demo_dataset(args.out_dir, args.copies, args.spacy_model)
     print(f"make-demo-dataset: {root}")
     return 0
+  if step == "build-tfds":
+    try:
+      from data_prep import tfds_builder
+    except ImportError as e:
+      print(f"error: build-tfds needs tensorflow-datasets ({e}): pip install 'idmp_jax[tfds]'", file=sys.stderr)
+      return 2
+    summary = tfds_builder.build_tfds(args.data_dir, args.out, splits=args.splits,
+                                      examples_per_shard=args.examples_per_shard,
+                                      num_processes=args.num_processes, process_id=args.process_id,
+                                      num_threads=args.num_threads)
+    done = "finished: " + json.dumps(summary["counts"]) if summary["finished"] else "other processes' shards pending"
+    print(f"build-tfds: {summary['build_dir']}: {summary['shards_written']} shard(s) written, "
+          f"{summary['shards_already_done']} already done, {len(summary['left_out'])} record(s) left out; {done}")
+    return 1 if summary["left_out"] else 0
   raise AssertionError(step)

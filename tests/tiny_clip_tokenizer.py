@@ -16,6 +16,8 @@ import importlib.util
 import json
 import os
 
+from idmp_jax.tiny import bytes_to_unicode  # One definition of CLIP's byte alphabet.
+
 NUM_MERGES = 49152 - 256 - 2  # what OpenAI's SimpleTokenizer (and transformers' CLIPTokenizer) read
 
 
@@ -29,19 +31,6 @@ def bpe_vocab_path() -> str:
     if os.path.exists(path):
       return path
   raise FileNotFoundError(f"bpe_simple_vocab_16e6.txt.gz not found in {list(spec.submodule_search_locations)}")
-
-
-def bytes_to_unicode() -> dict[int, str]:
-  """GPT-2/CLIP's reversible byte -> printable unicode map."""
-  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-  cs = bs[:]
-  n = 0
-  for b in range(256):
-    if b not in bs:
-      bs.append(b)
-      cs.append(256 + n)
-      n += 1
-  return dict(zip(bs, map(chr, cs)))
 
 
 def clip_merges() -> list[tuple[str, str]]:
