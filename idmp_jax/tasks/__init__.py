@@ -7,6 +7,7 @@ import importlib
 TASKS = {
     "unet_forward": "idmp_jax.tasks.unet_forward",
     "inpaint_sample": "idmp_jax.tasks.inpaint_sample",
+    "paint": "idmp_jax.tasks.paint",
     "inpaint_train": "idmp_jax.tasks.inpaint_train",
 }
 
