@@ -9,6 +9,7 @@ TASKS = {
     "inpaint_sample": "idmp_jax.tasks.inpaint_sample",
     "paint": "idmp_jax.tasks.paint",
     "inpaint_train": "idmp_jax.tasks.inpaint_train",
+    "promptgen_generate": "idmp_jax.tasks.promptgen_generate",
 }
 
 
