@@ -53,7 +53,13 @@ def load_models(model_dir: str, lora: str = "", lora_scale: float = 1.0) -> tupl
   tcfg, tparams = clip.load_text_encoder(os.path.join(model_dir, "text_encoder"))
   if lora:
     from idmp_jax.models import lora as lora_lib
-    uparams = lora_lib.load_and_merge(lora, uparams, scale=lora_scale)
+    if not os.path.exists(lora):
+      raise CheckpointError(f"{lora}: LoRA checkpoint not found")
+    adapted = lora_lib.load_diffusers_lora(lora, uparams, unet.LIST_NAMES)
+    if lora_scale != 1.0:  # diffusers' LoRA scale multiplies alpha / r.
+      adapted = jax.tree_util.tree_map_with_path(
+          lambda p, x: x * lora_scale if getattr(p[-1], "key", None) == "lora_scale" else x, adapted)
+    uparams = lora_lib.merge_lora(adapted)
   sched = schedulers.load_scheduler_config(os.path.join(model_dir, "scheduler"))
   if ucfg.in_channels != 4 + 1 + vcfg.latent_channels:
     raise CheckpointError(f"{model_dir}/unet/config.json: in_channels {ucfg.in_channels} is not an inpainting UNet "

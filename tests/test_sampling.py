@@ -139,3 +139,28 @@ def test_example_noise_is_per_stem():
   noise, posterior = sampling.draw_noise(keys, (4, 4, 4))
   np.testing.assert_array_equal(noise[0], noise[2])
   assert not np.allclose(noise[0], noise[1]) and not np.allclose(noise[0], posterior[0])
+
+
+def test_lora_checkpoint_is_merged_into_the_unet(tiny_pipeline, tmp_path, rng):
+  """FineTuned variants: `load_models(lora=...)` gives base + scale * A B in every adapted kernel."""
+  from flax import traverse_util
+  from idmp_jax.models import lora, unet
+  _, folder, _, params, _ = tiny_pipeline
+  adapted = lora.init_lora(params["unet"], jax.random.key(1), rank=4, alpha=4)
+  adapted = jax.tree_util.tree_map_with_path(  # Non-zero B, so the adapter does something.
+      lambda p, x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32) * 0.1
+      if getattr(p[-1], "key", None) == "lora_b" else x, adapted)
+  path = lora.save_diffusers_lora(str(tmp_path), adapted, unet.LIST_NAMES)
+  _, merged = sampling.load_models(folder, lora=path)
+  _, half = sampling.load_models(folder, lora=path, lora_scale=0.5)
+  flat_base = traverse_util.flatten_dict(params["unet"])
+  flat = traverse_util.flatten_dict(merged["unet"])
+  flat_half = traverse_util.flatten_dict(half["unet"])
+  key = next(p for p in flat if p[-2:] == ("to_q", "kernel"))
+  mod = traverse_util.flatten_dict(adapted)
+  delta = np.asarray(mod[key[:-1] + ("lora_a",)]) @ np.asarray(mod[key[:-1] + ("lora_b",)])
+  np.testing.assert_allclose(flat[key], flat_base[key] + delta, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(flat_half[key], flat_base[key] + 0.5 * delta, rtol=1e-5, atol=1e-6)
+  assert set(flat) == set(flat_base)  # A plain base tree: the LoRA leaves are folded away.
+  with pytest.raises(Exception, match="nope"):
+    sampling.load_models(folder, lora=str(tmp_path / "nope.safetensors"))

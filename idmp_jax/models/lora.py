@@ -1,0 +1,301 @@
+"""LoRA as one transform over a Linen param tree: the base modules stay ignorant of it.
+
+`init_lora` adds four leaves beside the `kernel` of every targeted Linear (matched by module name):
+
+  lora_a        (in, r)  fp32, trainable   peft's A, transposed like every Flax kernel
+  lora_b        (r, out) fp32, trainable   zeros, so a fresh adapter leaves the output unchanged
+  lora_scale    ()       fp32, frozen      alpha / r
+  lora_dropout  ()       fp32, frozen      dropout rate on the adapter's input
+
+`idmp_jax.models.layers.Linear` calls `apply_adapter` when its params hold `lora_a`: y = W x + b +
+scale * B(A(dropout(x))), as peft's `lora.Linear`. Dropout is on only when the caller passes an rng named
+`DROPOUT_RNG` to `apply` (`rngs={"lora_dropout": key}`): training passes one, inference does not. So the rate
+lives in the tree (like peft's per-layer Dropout module) and the mode lives in the call, and no model code
+takes a `deterministic` flag for LoRA's sake.
+
+Also: `trainable_mask`, `split`/`merge` (gemma's `split_params`/`merge_params` contract: two disjoint nested
+dicts that merge back into the original tree), `merge_lora` (fold into the kernels) / `unmerge_lora`, and the
+diffusers/peft file format (`save_diffusers_lora` writes `pytorch_lora_weights.safetensors` as the original's
+training script does; `load_diffusers_lora` reads it back, or peft's own key spelling).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from idmp_jax.convert import torch_format
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out_0")
+TRAINABLE_LEAVES = ("lora_a", "lora_b")
+LORA_LEAVES = TRAINABLE_LEAVES + ("lora_scale", "lora_dropout")
+DROPOUT_RNG = "lora_dropout"
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+METADATA_KEY = "lora_adapter_metadata"            # diffusers' LORA_ADAPTER_METADATA_KEY (diffusers >= 0.34)
+
+
+def _flat(params) -> dict:
+  return traverse_util.flatten_dict(torch_format._unfreeze(params))
+
+
+def adapted_modules(params, targets: Sequence[str] = DEFAULT_TARGETS) -> list[tuple[str, ...]]:
+  """Module paths (sorted) of the Linears whose name is in `targets`: a 2-D `kernel` under that name."""
+  targets = frozenset(targets)
+  return sorted(p[:-1] for p, v in _flat(params).items()
+                if p[-1] == "kernel" and len(p) >= 2 and p[-2] in targets and np.ndim(v) == 2)
+
+
+def init_lora(params, rng, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS,
+              init: str = "gaussian", dropout: float = 0.0) -> dict:
+  """Returns a copy of `params` with an adapter beside every targeted Linear (see the module docstring).
+
+  init "gaussian": A ~ N(0, std=1/r) (peft: `nn.init.normal_(lora_A.weight, std=1 / r)`); "kaiming": peft's
+  default, kaiming_uniform(a=sqrt(5)) on torch's (r, in) weight = U(-1/sqrt(in), 1/sqrt(in)). B = 0 either way.
+  Each layer's key is folded from `rng` and the layer's position in sorted path order, so the draw does not
+  depend on dict order.
+  """
+  if rank <= 0:
+    raise ValueError(f"LoRA rank must be positive, got {rank}")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+  modules = adapted_modules(params, targets)
+  if not modules:
+    raise ValueError(f"no Linear named one of {tuple(targets)} in the param tree")
+  flat = _flat(params)
+  if any(p[-1] in LORA_LEAVES for p in flat):
+    raise ValueError("the param tree already holds LoRA leaves")
+  out = dict(flat)
+  for i, path in enumerate(modules):
+    fan_in, fan_out = np.shape(flat[path + ("kernel",)])
+    key = jax.random.fold_in(rng, i)
+    if init == "gaussian":
+      a = jax.random.normal(key, (fan_in, rank), jnp.float32) / rank
+    elif init == "kaiming":
+      bound = 1.0 / np.sqrt(fan_in)
+      a = jax.random.uniform(key, (fan_in, rank), jnp.float32, -bound, bound)
+    else:
+      raise ValueError(f"LoRA init must be 'gaussian' or 'kaiming', got {init!r}")
+    out[path + ("lora_a",)] = a
+    out[path + ("lora_b",)] = jnp.zeros((rank, fan_out), jnp.float32)
+    out[path + ("lora_scale",)] = jnp.asarray(alpha / rank, jnp.float32)
+    out[path + ("lora_dropout",)] = jnp.asarray(dropout, jnp.float32)
+  return traverse_util.unflatten_dict(out)
+
+
+def apply_adapter(module, x):
+  """scale * B(A(dropout(x))) for a Linear whose params hold LoRA leaves, in the module's compute dtype (fp32
+  adapter weights are cast like the frozen kernel, as autocast does)."""
+  dtype = module.dtype
+  a = module.get_variable("params", "lora_a").astype(dtype)
+  b = module.get_variable("params", "lora_b").astype(dtype)
+  scale = module.get_variable("params", "lora_scale")
+  if module.has_rng(DROPOUT_RNG):
+    x = _dropout(x, module.get_variable("params", "lora_dropout"), module.make_rng(DROPOUT_RNG))
+  h = jnp.dot(jnp.dot(x.astype(dtype), a), b)
+  return h * scale.astype(dtype)
+
+
+def _lowbias32(h):
+  """Chris Wellons' 32-bit integer hash (lowbias32): full avalanche in two multiply-xorshift rounds."""
+  h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
+  h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
+  return h ^ (h >> 16)
+
+
+def _dropout(x, rate, key):
+  """Inverted dropout with a counter-based mask: 16 bits per element from hash(element index, key).
+
+  Not jax.random.bits: threefry inlined in each of the UNet's ~140 adapters made the XLA:CPU compile of the
+  train step 25 s longer (tiny model) and costs ~100 integer ops per element on the GPU; the hash is ~10, and
+  like partitionable threefry it is a pure function of the global element index, so the mask does not depend on
+  how the batch is sharded. keep iff bits >= round(rate * 2^16), rescaled by the keep probability actually used.
+  """
+  if x.size >= 2**32:
+    raise ValueError(f"LoRA dropout on {x.size} elements: the counter-based mask needs < 2^32")
+  seed = jax.random.key_data(key).astype(jnp.uint32).reshape(-1)
+  index = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)
+  bits = _lowbias32(_lowbias32(index * jnp.uint32(0x9E3779B9) ^ seed[0]) ^ seed[-1]) >> 16
+  cut = jnp.round(rate.astype(jnp.float32) * 65536.0)
+  keep = bits.astype(jnp.float32) >= cut
+  return jnp.where(keep, x * (65536.0 / (65536.0 - cut)).astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tree surgery.
+
+
+def is_trainable(path: tuple) -> bool:
+  return path[-1] in TRAINABLE_LEAVES
+
+
+def is_lora(path: tuple) -> bool:
+  return path[-1] in LORA_LEAVES
+
+
+def trainable_mask(params) -> dict:
+  """A tree of bools shaped like `params`: True at lora_a/lora_b (e.g. for optax.masked)."""
+  return traverse_util.unflatten_dict({p: is_trainable(p) for p in _flat(params)})
+
+
+def split(params, predicate: Callable[[tuple], bool] = is_trainable) -> tuple[dict, dict]:
+  """(selected, rest): two disjoint nested dicts of the leaves whose path satisfies `predicate` and the others.
+  Default: (trainable LoRA weights, everything frozen)."""
+  flat = _flat(params)
+  chosen = {p: v for p, v in flat.items() if predicate(p)}
+  rest = {p: v for p, v in flat.items() if not predicate(p)}
+  return traverse_util.unflatten_dict(chosen), traverse_util.unflatten_dict(rest)
+
+
+def merge(*trees) -> dict:
+  """Inverse of `split`: the union of disjoint nested dicts (a leaf in two trees is an error)."""
+  out = {}
+  for tree in trees:
+    for path, value in _flat(tree).items():
+      if path in out:
+        raise ValueError(f"merge: leaf {'/'.join(path)} is in more than one tree")
+      out[path] = value
+  return traverse_util.unflatten_dict(out)
+
+
+def _delta(a, b, scale):
+  # fp32 at full precision: the fold must not depend on the default matmul precision (TF32/bf16 on GPU).
+  return jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST) * scale
+
+
+def merge_lora(params) -> dict:
+  """Folds every adapter into its kernel (W' = W + scale * A B, in fp32) and drops the LoRA leaves: a plain
+  base-model tree that gives the adapted model's (dropout-free) output."""
+  adapters, base = split(params, is_lora)
+  flat = _flat(base)
+  for path, leaves in _modules(adapters).items():
+    kernel = flat[path + ("kernel",)]
+    flat[path + ("kernel",)] = (kernel.astype(jnp.float32) + _delta(
+        leaves["lora_a"], leaves["lora_b"], leaves["lora_scale"])).astype(kernel.dtype)
+  return traverse_util.unflatten_dict(flat)
+
+
+def unmerge_lora(merged, adapters) -> dict:
+  """Inverse of `merge_lora` given the adapter leaves (`split(params, is_lora)[0]`): W = W' - scale * A B,
+  with the adapters put back. Exact up to fp32 rounding of the add/subtract."""
+  flat = _flat(merged)
+  for path, leaves in _modules(adapters).items():
+    kernel = flat[path + ("kernel",)]
+    flat[path + ("kernel",)] = (kernel.astype(jnp.float32) - _delta(
+        leaves["lora_a"], leaves["lora_b"], leaves["lora_scale"])).astype(kernel.dtype)
+  return merge(traverse_util.unflatten_dict(flat), adapters)
+
+
+def _modules(adapters) -> dict[tuple, dict]:
+  """{module path: {leaf name: value}} of a tree of LoRA leaves."""
+  out: dict[tuple, dict] = {}
+  for path, value in _flat(adapters).items():
+    out.setdefault(path[:-1], {})[path[-1]] = value
+  return out
+
+
+def count(params) -> int:
+  """Number of trainable LoRA weights."""
+  return sum(int(np.prod(np.shape(v))) for p, v in _flat(params).items() if is_trainable(p))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# diffusers / peft files.
+
+
+def _module_key(path: tuple, list_names: Iterable[str]) -> str:
+  """Flax module path -> the PyTorch module name (`.../to_out_0` -> `....to_out.0`)."""
+  return torch_format.torch_key(tuple(path) + ("weight",), list_names)[:-len(".weight")]
+
+
+def save_diffusers_lora(folder: str, params, list_names: Iterable[str], *, prefix: str = "unet",
+                        key_style: str = "diffusers") -> str:
+  """Writes `folder/pytorch_lora_weights.safetensors`, the file `pipe.load_lora_weights(folder)` reads.
+
+  key_style "diffusers" (what the original's training script writes, via diffusers'
+  `convert_state_dict_to_diffusers`): `unet.<module>.lora.down.weight` (r, in) and `.lora.up.weight` (out, r);
+  "peft": `.lora_A.weight` / `.lora_B.weight`. The safetensors metadata carries the peft LoraConfig under
+  diffusers' `lora_adapter_metadata` key (r, lora_alpha, target_modules), so diffusers >= 0.34 restores alpha;
+  older diffusers (the original pins 0.29.2) assume alpha = r, which the paper's recipe (r = alpha = 16) meets.
+  Weights are written fp32. Returns the file's path.
+  """
+  if key_style not in ("diffusers", "peft"):
+    raise ValueError(f"key_style must be 'diffusers' or 'peft', got {key_style!r}")
+  down, up = ("lora.down", "lora.up") if key_style == "diffusers" else ("lora_A", "lora_B")
+  modules = _modules(split(jax.device_get(params), is_lora)[0])
+  if not modules:
+    raise ValueError("no LoRA leaves in the param tree")
+  state, ranks, alphas, dropouts = {}, set(), set(), set()
+  for path, leaves in modules.items():
+    name = f"{prefix}.{_module_key(path, list_names)}" if prefix else _module_key(path, list_names)
+    a, b = np.asarray(leaves["lora_a"], np.float32), np.asarray(leaves["lora_b"], np.float32)
+    state[f"{name}.{down}.weight"] = np.ascontiguousarray(a.T)
+    state[f"{name}.{up}.weight"] = np.ascontiguousarray(b.T)
+    rank = a.shape[1]
+    ranks.add(rank)
+    alphas.add(float(np.asarray(leaves["lora_scale"])) * rank)
+    dropouts.add(float(np.asarray(leaves["lora_dropout"])))
+  if len(ranks) != 1 or len(alphas) != 1:
+    raise ValueError(f"one rank and alpha for all layers expected, got ranks {ranks}, alphas {alphas}")
+  alpha = alphas.pop()
+  config = {"r": ranks.pop(), "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+            "lora_dropout": max(dropouts), "target_modules": sorted(_module_key(p, list_names) for p in modules),
+            "init_lora_weights": "gaussian", "use_dora": False, "lora_bias": False}
+  packed = {f"{prefix}.{k}" if prefix else k: v for k, v in config.items()}
+  metadata = {"format": "pt", METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)}
+  path = os.path.join(folder, WEIGHT_NAME)
+  torch_format.save_state_dict(state, path, metadata=metadata)
+  return path
+
+
+def load_diffusers_lora(path: str, params, list_names: Iterable[str], *, prefix: str = "unet",
+                        alpha: float | None = None, dropout: float = 0.0) -> dict:
+  """Reads a LoRA file (diffusers `lora.down/up` or peft `lora_A/B` keys, optionally `prefix.`-qualified) into
+  `params` (a base tree without LoRA leaves), as `init_lora` would lay it out. alpha: from the file's metadata,
+  else the argument, else r (what diffusers assumes). Every adapter must land on a Linear of the tree."""
+  if os.path.isdir(path):
+    path = os.path.join(path, WEIGHT_NAME)
+  state = torch_format.load_state_dict([path])
+  from safetensors import safe_open
+  with safe_open(path, "np") as f:
+    meta = (f.metadata() or {}).get(METADATA_KEY)
+  meta = {k.split(".", 1)[1] if prefix and k.startswith(prefix + ".") else k: v
+          for k, v in (json.loads(meta) if meta else {}).items()}
+  flat = _flat(params)
+  by_key = {_module_key(p[:-1], list_names): p[:-1] for p in flat if p[-1] == "kernel" and np.ndim(flat[p]) == 2}
+  out, problems = dict(flat), []
+  names = {}
+  for key, value in state.items():
+    name = key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
+    for tag, leaf in ((".lora.down.weight", "lora_a"), (".lora.up.weight", "lora_b"),
+                      (".lora_A.weight", "lora_a"), (".lora_B.weight", "lora_b")):
+      if name.endswith(tag):
+        names.setdefault(name[:-len(tag)], {})[leaf] = np.asarray(value, np.float32).T
+        break
+    else:
+      problems.append(f"tensor {key!r} is not a LoRA weight")
+  for module, leaves in sorted(names.items()):
+    if module not in by_key:
+      problems.append(f"{module}: no Linear of the model has this name")
+      continue
+    if set(leaves) != {"lora_a", "lora_b"}:
+      problems.append(f"{module}: needs both down/A and up/B weights, found {sorted(leaves)}")
+      continue
+    mpath = by_key[module]
+    rank = leaves["lora_a"].shape[1]
+    fan_in, fan_out = np.shape(flat[mpath + ("kernel",)])
+    if leaves["lora_a"].shape != (fan_in, rank) or leaves["lora_b"].shape != (rank, fan_out):
+      problems.append(f"{module}: LoRA shapes {leaves['lora_a'].shape}/{leaves['lora_b'].shape} do not fit the "
+                      f"kernel ({fan_in}, {fan_out})")
+      continue
+    a = meta.get("lora_alpha", alpha if alpha is not None else rank)
+    out[mpath + ("lora_a",)], out[mpath + ("lora_b",)] = leaves["lora_a"], leaves["lora_b"]
+    out[mpath + ("lora_scale",)] = np.asarray(a / rank, np.float32)
+    out[mpath + ("lora_dropout",)] = np.asarray(dropout, np.float32)
+  if problems:
+    raise torch_format.CheckpointError(f"{path}: " + "; ".join(problems[:10]))
+  return traverse_util.unflatten_dict(out)
