@@ -110,7 +110,7 @@ def _lowbias32(h):
 def _dropout(x, rate, key):
   """Inverted dropout with a counter-based mask: 16 bits per element from hash(element index, key).
 
-  Not jax.random.bits: threefry inlined in each of the UNet's ~140 adapters made the XLA:CPU compile of the
+  Not jax.random.bits: threefry inlined in each of the SD-2 UNet's 128 adapters made the XLA:CPU compile of the
   train step 25 s longer (tiny model) and costs ~100 integer ops per element on the GPU; the hash is ~10, and
   like partitionable threefry it is a pure function of the global element index, so the mask does not depend on
   how the batch is sharded. keep iff bits >= round(rate * 2^16), rescaled by the keep probability actually used.

@@ -30,22 +30,27 @@ BATCH_KEYS = ("pixel_values", "masked_pixel_values", "mask", "input_ids", "valid
 RCA_KEYS = ("token_region", "region_masks")
 
 
-def _demo_inputs(config, workdir: str) -> tuple[str, str]:
-  """model_dir / data_dir, writing the tiny random pipeline and the demo dataset under workdir when the config
-  leaves them empty (process 0 writes; the workdir is shared, as Orbax needs for multi-host anyway)."""
+def _inputs(config, workdir: str) -> tuple[str, str]:
+  """model_dir and data_dir, as inpaint_sample reads them: model_dir "tiny" is idmp_jax.tiny's random pipeline and
+  data_dir "demo" the demo dataset, both built under the workdir (by process 0; the workdir is shared, as Orbax
+  needs for multi-host anyway), so a demo run's adapter applies to the sampling demo's pipeline."""
   model_dir, data_dir = config.model_dir, config.data_dir
-  if model_dir and data_dir:
-    return model_dir, data_dir
-  model_dir = model_dir or os.path.join(workdir, "tiny_pipeline")
-  data_dir = data_dir or os.path.join(workdir, "demo_data", "mm_inp_dataset")
+  if model_dir == "tiny":
+    model_dir = os.path.join(workdir, "tiny_pipeline")
+  if data_dir == "demo":
+    data_dir = os.path.join(workdir, "demo_data", "mm_inp_dataset")
   if jax.process_index() == 0:
-    if not os.path.exists(os.path.join(model_dir, "model_index.json")):
-      from idmp_jax.train.tiny import write_tiny_pipeline
-      write_tiny_pipeline(model_dir, seed=config.seed)
-    if not os.path.isdir(os.path.join(data_dir, "images")):
+    if config.model_dir == "tiny":
+      from idmp_jax import tiny
+      tiny.make_tiny_pipeline(model_dir, seed=config.seed)
+    if config.data_dir == "demo" and not os.path.isdir(data_dir):
       from data_prep.demo import make_demo_dataset
       make_demo_dataset(os.path.dirname(data_dir), copies=config.get("demo_copies", 1))
-  multihost_utils.sync_global_devices("inpaint_train demo inputs")
+  if config.model_dir == "tiny" or config.data_dir == "demo":
+    multihost_utils.sync_global_devices("inpaint_train demo inputs")
+  for name, path in (("model_dir", model_dir), ("data_dir", data_dir)):
+    if not path or not os.path.isdir(path):
+      raise FileNotFoundError(f"config.{name} = {path!r}: folder not found")
   return model_dir, data_dir
 
 
@@ -62,13 +67,15 @@ def run(config, workdir: str, mesh):
   dtype, frozen_dtype = jnp.dtype(config.dtype), jnp.dtype(config.frozen_dtype)
 
   # ---- Models --------------------------------------------------------------------------------------------
-  model_dir, data_dir = _demo_inputs(config, workdir)
+  model_dir, data_dir = _inputs(config, workdir)
   ucfg, unet_params = unet.load_pretrained(os.path.join(model_dir, "unet"))
   vcfg, vae_params = vae.load_vae(os.path.join(model_dir, "vae"))
   tcfg, text_params = clip.load_text_encoder(os.path.join(model_dir, "text_encoder"))
   ddpm = schedulers.from_config(schedulers.load_scheduler_config(model_dir), class_name="DDPMScheduler")
   tokenizer = load_clip_tokenizer(model_dir)
   prediction_type = config.prediction_type or ddpm.prediction_type
+  if prediction_type not in ("epsilon", "v_prediction"):
+    raise ValueError(f"config.prediction_type = {config.prediction_type!r}: expected '', 'epsilon' or 'v_prediction'")
   models = diffusion.Models(
       unet=unet.UNet2DConditionModel(ucfg, dtype=dtype, attention_impl=config.attention, remat=config.remat),
       vae=vae.AutoencoderKL(vcfg, dtype=dtype, attention_impl=config.attention),
@@ -113,10 +120,9 @@ def run(config, workdir: str, mesh):
   tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch)
   replicated = parallel.replicated(mesh)
   frozen = jax.device_put(frozen, parallel.param_shardings(frozen, mesh, [tuple(r) for r in config.sharding_rules]))
-  state = jax.jit(lambda p: diffusion.init_state(p, tx, config.seed), out_shardings=replicated)(
-      jax.device_put(trainable, replicated))
-  # Step randomness: fold_in(rng, step), rng = fold_in(root, 1); validation keys from fold_in(root, 2).
-  state = state.replace(rng=jax.device_put(jax.random.key_data(jax.random.fold_in(root_key, 1)), replicated))
+  # Step k's randomness: fold_in(fold_in(root, 1), k); validation batch i's: fold_in(fold_in(root, 2), i).
+  state = jax.jit(lambda p: diffusion.init_state(p, tx, jax.random.fold_in(root_key, 1)),
+                  out_shardings=replicated)(jax.device_put(trainable, replicated))
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   train_step = jax.jit(diffusion.make_train_step(models, tx, schedule), donate_argnums=(0,),
                        out_shardings=(state_sharding, replicated))
@@ -159,10 +165,12 @@ def run(config, workdir: str, mesh):
 
   def validate() -> float:
     total, count = 0.0, 0.0
-    for i, batch in enumerate(loader(val_source, 0, False)):
+    it = iter(loader(val_source, 0, False))
+    for i, batch in enumerate(it):
       s, n = eval_step(state.params, frozen, parallel.shard_batch(train_input.device_fields(batch, batch_keys),
                                                                    mesh), jax.random.fold_in(val_key, i))
       total, count = total + float(s), count + float(n)
+    _close(it)
     return total / max(count, 1.0)
 
   # ---- Train ---------------------------------------------------------------------------------------------
@@ -174,7 +182,7 @@ def run(config, workdir: str, mesh):
       for batch in epoch_iter:
         in_epoch += 1
         info = {"epoch": epoch + 1, "batch": in_epoch,
-                "stems": [train_source.stems[i] for i, v in zip(batch["index"], batch["valid"]) if v]}
+                "stems": [_name(train_source, i) for i, v in zip(batch["index"], batch["valid"]) if v]}
         state, step_out = train_step(state, frozen, parallel.shard_batch(
             train_input.device_fields(batch, batch_keys), mesh))
         step += 1
@@ -198,6 +206,7 @@ def run(config, workdir: str, mesh):
         meta["stopped_early"] = True
       epoch += 1
       meta["epoch"] = epoch
+      _close(epoch_iter)
       epoch_iter = iter(loader(train_source, epoch, True))
       save(step, epoch_iter)
       step_metrics.restart_clock()
@@ -207,6 +216,7 @@ def run(config, workdir: str, mesh):
     if last_saved["step"] != step:
       save(step, epoch_iter if epoch_iter is not None else iter(loader(train_source, epoch, True)))
     ckpt.wait()
+    _close(epoch_iter)
   except loop.NonFiniteLossError as e:
     ckpt.wait()  # The last save (checked finite) completes; nothing after it is written.
     logging.error("%s", e)
@@ -226,6 +236,18 @@ def run(config, workdir: str, mesh):
              "stopped_early": meta["stopped_early"], "workdir": workdir}
   logging.info("inpaint_train done: %s", summary)
   return summary
+
+
+def _name(source, index) -> str:
+  """An example's stem where the source has stems (folder sources), else its index."""
+  stems = getattr(source, "stems", None)
+  return stems[int(index)] if stems is not None else f"#{int(index)}"
+
+
+def _close(iterator) -> None:
+  """Stops a Grain iterator's worker processes now rather than at interpreter exit."""
+  if iterator is not None and hasattr(iterator, "close"):
+    iterator.close()
 
 
 def _flat_config(config) -> dict:

@@ -1,0 +1,213 @@
+"""GPU benchmark of the LoRA fine-tuning step: full SD-2 inpainting shapes, random weights, 512 px, RCA on, bf16.
+
+  python benchmarks/train_step.py                       # batches 16 and 32, both step kinds, on the GPU
+  python benchmarks/train_step.py --small               # tiny shapes on CPU: a smoke test of this script
+  python benchmarks/train_step.py --batch=32 --kind=full --remat
+
+Two step kinds, timed separately:
+  unet  the UNet's LoRA step alone from latents (noise, DDPM add_noise, UNet fwd + bwd with RCA, AdamW): what
+        ../shared/BASELINES.md's PyTorch LoRA figures measure (109 img/s at b32 without RCA; 41 img/s at b16 with
+        reference-style RCA, OOM at b32).
+  full  the job's real step (idmp_jax.train.diffusion.make_train_step): VAE-encode image and masked image (2B
+        images at 512 px), CLIP-H text encoder, then the above.
+Weights are frozen bf16, LoRA r16 fp32 with fp32 AdamW state, dropout 0.05 on, as in configs/rca.py. Timing: 3
+warm-up steps, then the median of --steps timed steps (block_until_ready on each). Memory: the executable's own
+estimate (XLA memory_analysis: arguments + outputs + temporaries - aliased) and the process's peak_bytes_in_use
+so far (device memory_stats; monotone over the run, so configs run small to large).
+Prints one JSON line per config and a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from idmp_jax import schedulers  # noqa: E402
+from idmp_jax.models import clip, lora, unet, vae  # noqa: E402
+from idmp_jax.train import diffusion, optimizer as optim, tiny  # noqa: E402
+
+SD2_UNET = dict(
+    in_channels=9, out_channels=4, sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD2_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, norm_num_groups=32,
+               sample_size=768)
+SD2_TEXT = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", eos_token_id=2)
+SMALL_UNET = dict(SD2_UNET, block_out_channels=(32, 64, 64, 64), attention_head_dim=(2, 4, 4, 4),
+                  cross_attention_dim=32, norm_num_groups=8)
+SMALL_VAE = dict(SD2_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+SMALL_TEXT = dict(SD2_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+DDPM = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+REGIONS = 6  # max_concepts + 1
+
+
+def random_tree(abstract, seed: int, dtype):
+  """Random weights made on the host (NumPy; a jitted RNG per leaf takes minutes to compile) -> device."""
+  return jax.device_put(jax.tree.map(lambda x: x.astype(dtype), tiny.random_params(abstract, seed)))
+
+
+def build(small: bool, dtype, attention: str, remat: bool):
+  ucfg = unet.UNetConfig.from_dict(dict(SMALL_UNET if small else SD2_UNET), source="benchmark unet")
+  vcfg = vae.AutoencoderKLConfig.from_dict(dict(SMALL_VAE if small else SD2_VAE), source="benchmark vae")
+  tcfg = clip.CLIPTextConfig(**(SMALL_TEXT if small else SD2_TEXT))
+  key = jax.random.key(0)
+  abstract_unet = unet.abstract_params(ucfg)
+  abstract_vae = jax.eval_shape(lambda: vae.AutoencoderKL(vcfg).init(key, jnp.zeros((1, 8, 8, 3))))["params"]
+  abstract_vae = {k: abstract_vae[k] for k in ("encoder", "quant_conv")}
+  abstract_text = jax.eval_shape(lambda: clip.CLIPTextTransformer(tcfg).init(key, jnp.zeros((1, 77), jnp.int32)))
+  base = random_tree(abstract_unet, 1, jnp.float32)
+  params = lora.init_lora(base, jax.random.fold_in(key, 2), 16, 16.0, dropout=0.05)
+  del base
+  trainable, frozen_unet = lora.split(params)
+  frozen_unet = jax.tree_util.tree_map_with_path(
+      lambda p, x: x if lora.is_lora(tuple(k.key for k in p)) else x.astype(dtype), frozen_unet)
+  frozen = {"unet": frozen_unet, "vae": random_tree(abstract_vae, 3, dtype),
+            "text": random_tree(abstract_text["params"], 4, dtype)}
+  models = diffusion.Models(
+      unet=unet.UNet2DConditionModel(ucfg, dtype=dtype, attention_impl=attention, remat=remat),
+      vae=vae.AutoencoderKL(vcfg, dtype=dtype, attention_impl=attention),
+      text=clip.CLIPTextTransformer(tcfg, attention_impl=attention, dtype=dtype), vae_config=vcfg,
+      ddpm=schedulers.from_config(DDPM, class_name="DDPMScheduler"), rca=True, prediction_type="epsilon")
+  return models, trainable, frozen, ucfg
+
+
+def unet_only_step(models: diffusion.Models, tx, schedule):
+  """The UNet part of diffusion.loss_fn (same draws and ops) from given latents and text context."""
+
+  def loss(trainable, frozen, batch, key):
+    k_noise, k_t, k_drop = jax.random.split(key, 3)
+    latents = batch["latents"]
+    noise = diffusion._normal(k_noise, latents.shape)
+    t = jax.random.randint(k_t, (latents.shape[0],), 0, 1000)
+    x = jnp.concatenate([models.ddpm.add_noise(latents, noise, t), batch["mask"], batch["masked_latents"]],
+                        -1).astype(models.unet.dtype)
+    pred = models.unet.apply({"params": lora.merge(trainable, frozen["unet"])}, x, t, batch["context"],
+                             region_masks=batch["region_masks"], token_region=batch["token_region"],
+                             rngs={lora.DROPOUT_RNG: k_drop})
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise))
+
+  def step(state, frozen, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    value, grads = jax.value_and_grad(loss)(state.params, frozen, batch, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {"loss": value}
+
+  return step
+
+
+def regions(rng, b, res):
+  rm = np.zeros((b, REGIONS, res, res), np.uint8)
+  tr = np.zeros((b, 77), np.int32)
+  rm[:, 0] = 1
+  for i in range(b):
+    for r in range(1, 4):
+      y, x = rng.integers(0, res // 2, 2)
+      rm[i, r] = 1
+      rm[i, r, y:y + res // 3, x:x + res // 3] = 0
+      rm[i, r] = 1 - rm[i, r]
+    tr[i, 1:61] = np.repeat([1, 2, 3], 20)
+  return rm, tr
+
+
+def batch_for(kind, b, res, ucfg, dtype, rng):
+  rm, tr = regions(rng, b, res)
+  if kind == "full":
+    img = rng.uniform(-1, 1, (b, res, res, 3)).astype(np.float32)
+    mask = (rng.uniform(size=(b, res, res, 1)) > 0.5).astype(np.float32)
+    return dict(pixel_values=img, masked_pixel_values=img * (1 - mask), mask=mask,
+                input_ids=rng.integers(0, 49408, (b, 77)).astype(np.int32), valid=np.ones(b, np.float32),
+                token_region=tr, region_masks=rm)
+  h = res // 8
+  return dict(latents=rng.standard_normal((b, h, h, 4)).astype(np.float32),
+              masked_latents=rng.standard_normal((b, h, h, 4)).astype(np.float32),
+              mask=(rng.uniform(size=(b, h, h, 1)) > 0.5).astype(np.float32),
+              context=jnp.asarray(rng.standard_normal((b, 77, ucfg.cross_attention_dim)), dtype),
+              token_region=tr, region_masks=rm)
+
+
+def measure(step, state, frozen, batch, steps: int, b: int):
+  lowered = step.lower(state, frozen, batch)
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  estimate = None
+  if mem is not None:
+    estimate = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                - mem.alias_size_in_bytes)
+  for _ in range(3):
+    state, out = compiled(state, frozen, batch)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, out = compiled(state, frozen, batch)
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  stats = jax.devices()[0].memory_stats() or {}
+  return dict(compile_s=round(compile_s, 1), step_ms=round(med * 1e3, 2), img_per_s=round(b / med, 1),
+              loss=float(out["loss"]), executable_bytes_gib=None if estimate is None else round(estimate / 2**30, 2),
+              peak_bytes_in_use_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)), state
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--small", action="store_true", help="tiny shapes at 64 px (CPU smoke test)")
+  ap.add_argument("--batch", type=int, nargs="*", default=None, help="batch sizes (default 16 32; small: 2)")
+  ap.add_argument("--kind", choices=["unet", "full", "both"], default="both")
+  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--attention", default="auto")
+  ap.add_argument("--dtype", default="bfloat16")
+  args = ap.parse_args()
+  dtype = jnp.dtype(args.dtype)
+  res = 64 if args.small else 512
+  batches = args.batch or ([2] if args.small else [16, 32])
+  kinds = ["unet", "full"] if args.kind == "both" else [args.kind]
+  models, trainable, frozen, ucfg = build(args.small, dtype, args.attention, args.remat)
+  n_lora = lora.count(trainable)
+  tx, schedule = optim.make_optimizer(
+      type("C", (), dict(lr=1e-4, warmup_fraction_of_epoch=0.01, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
+                         weight_decay=1e-2, grad_clip=1.0)), 2884)
+  steps = {"unet": jax.jit(unet_only_step(models, tx, schedule), donate_argnums=0),
+           "full": jax.jit(diffusion.make_train_step(models, tx, schedule), donate_argnums=0)}
+  rng = np.random.default_rng(0)
+  rows = []
+  for kind in kinds:
+    for b in sorted(batches):
+      state = diffusion.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(0))
+      batch = jax.device_put(batch_for(kind, b, res, ucfg, dtype, rng))
+      try:
+        row, state = measure(steps[kind], state, frozen, batch, args.steps, b)
+      except Exception as e:  # e.g. out of memory: report and go on
+        row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+      row = dict(kind=kind, batch=b, res=res, rca=True, dtype=str(dtype), remat=args.remat,
+                 attention=args.attention, lora_params=n_lora, device=jax.devices()[0].device_kind, **row)
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+      del state, batch
+  print(f"\n{'kind':6} {'batch':>5} {'img/s':>8} {'ms/step':>9} {'exe GiB':>8} {'peak GiB':>9} {'compile s':>9}")
+  for r in rows:
+    if "error" in r:
+      print(f"{r['kind']:6} {r['batch']:>5} {r['error']}")
+    else:
+      print(f"{r['kind']:6} {r['batch']:>5} {r['img_per_s']:>8} {r['step_ms']:>9} {r['executable_bytes_gib']!s:>8} "
+            f"{r['peak_bytes_in_use_gib']:>9} {r['compile_s']:>9}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,54 @@
+"""The original's optimizer, in optax: torch AdamW + accelerate's clip_grad_norm_ + diffusers'
+`constant_with_warmup` schedule. It only ever sees the trainable tree (the LoRA leaves), so no masking is needed
+and frozen weights carry no optimizer state."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def constant_with_warmup(lr: float, warmup_steps: float) -> optax.Schedule:
+  """diffusers' get_constant_schedule_with_warmup: lr * step / max(1, warmup) while step < warmup, then lr.
+  `warmup_steps` may be fractional (the original's 1% of an epoch: 28.84), so lr is 0 at step 0."""
+  warmup = float(warmup_steps)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    return lr * jnp.where(step < warmup, step / max(1.0, warmup), 1.0)
+
+  return schedule
+
+
+class ClipState(NamedTuple):
+  pass
+
+
+def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
+  """torch.nn.utils.clip_grad_norm_: g * min(1, max_norm / (||g|| + 1e-6)) (optax's version omits the 1e-6)."""
+
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    coef = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: ClipState(), update)
+
+
+def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW(b1, b2, eps, weight decay) on a constant-with-warm-up schedule after global-norm clipping.
+
+  config: lr, warmup_fraction_of_epoch (warm-up = fraction x ONE epoch's update steps, SPEC §5), adam_b1,
+  adam_b2, adam_eps, weight_decay, grad_clip (<= 0: off).
+  """
+  schedule = constant_with_warmup(config.lr, config.warmup_fraction_of_epoch * steps_per_epoch)
+  chain = []
+  if config.grad_clip > 0:
+    chain.append(clip_by_global_norm_torch(config.grad_clip))
+  # optax.adamw = torch AdamW: m / (sqrt(v_hat) + eps) with bias correction, decoupled decay p -= lr * wd * p.
+  chain.append(optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                           weight_decay=config.weight_decay))
+  return optax.chain(*chain), schedule

@@ -1,0 +1,209 @@
+"""The LoRA fine-tuning job (tasks/inpaint_train) on a tiny random pipeline and the demo dataset: optimizer
+numerics against torch, 1 vs 8 devices, kill -9 and resume, the NaN stop, two processes vs one.
+
+The end-to-end runs share one persistent compilation cache, so only the first run of each device layout pays
+XLA's compile (about a minute on a busy 2-core machine).
+"""
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from idmp_jax.train import optimizer as optim
+from idmp_jax.train.metrics import read_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCHS, STEPS_PER_EPOCH = 3, 2  # 12 train images (demo x 3 copies), global batch 8: 8 + 4 (padded) per epoch
+OVERRIDES = dict(batch_size=8, num_epochs=EPOCHS, early_stopping=False, checkpoint_every_steps=1,
+                 keep_checkpoints=20, progress_bar=False, export_merged_unet=True, data_workers=0, log_every_steps=1)
+
+
+def load_config(**overrides):
+  spec = importlib.util.spec_from_file_location("rca_config", os.path.join(REPO, "configs", "rca.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("demo")
+  for k, v in {**OVERRIDES, **overrides}.items():
+    setattr(config, k, v)
+  return config
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  """Tiny pipeline, demo dataset (3 copies of the train images) and a compilation cache, built once."""
+  from data_prep.demo import make_demo_dataset
+  from idmp_jax.tiny import TINY_UNET
+  from idmp_jax.train.tiny import write_random_pipeline
+  root = tmp_path_factory.mktemp("train")
+  # One UNet level (cross-attention down, mid and up blocks): the compile is a third shorter than the demo's two.
+  model_dir = write_random_pipeline(str(root / "pipeline"), seed=0, unet_config=dict(
+      TINY_UNET, block_out_channels=(32,), attention_head_dim=(2,), down_block_types=("CrossAttnDownBlock2D",),
+      up_block_types=("CrossAttnUpBlock2D",)))
+  data_dir = make_demo_dataset(str(root / "demo"), copies=3)
+  return dict(model_dir=model_dir, data_dir=data_dir, cache=str(root / "jax_cache"))
+
+
+def command(prepared, workdir, **overrides):
+  flags = {**OVERRIDES, "model_dir": prepared["model_dir"], "data_dir": prepared["data_dir"], **overrides}
+  return [sys.executable, "-m", "idmp_jax.main", "--config=configs/rca.py:demo", f"--workdir={workdir}"] + [
+      f"--config.{k}={v}" for k, v in flags.items()]
+
+
+def launch(prepared, workdir, devices=1, env=None, log=None, **overrides):
+  """Starts `python -m idmp_jax.main` on `devices` forced CPU devices; output appended to `log` (workdir.log)."""
+  environ = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                 JAX_COMPILATION_CACHE_DIR=prepared["cache"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                 JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONUNBUFFERED="1", **(env or {}))
+  with open(log or workdir + ".log", "ab") as f:
+    return subprocess.Popen(command(prepared, workdir, **overrides), cwd=REPO, env=environ, stdout=f,
+                            stderr=subprocess.STDOUT)
+
+
+def output(workdir, log=None):
+  with open(log or workdir + ".log", errors="replace") as f:
+    return f.read()
+
+
+def losses(workdir):
+  rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return {s: r["loss"] for s, r in rows.items() if "loss" in r}, {s: r["val_loss"] for s, r in rows.items()
+                                                                 if "val_loss" in r}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Optimizer: the original's torch AdamW + clip_grad_norm_ + constant_with_warmup, step for step.
+
+
+def test_optimizer_matches_torch():
+  from diffusers.optimization import get_constant_schedule_with_warmup
+  cfg = load_config().optimizer
+  steps_per_epoch = 2884
+  tx, schedule = optim.make_optimizer(cfg, steps_per_epoch)
+  assert float(schedule(0)) == 0.0  # lr 0 at step 0
+  p = torch.nn.Parameter(torch.tensor(np.random.default_rng(0).standard_normal(50).astype(np.float32)))
+  opt = torch.optim.AdamW([p], lr=cfg.lr, betas=(cfg.adam_b1, cfg.adam_b2), eps=cfg.adam_eps,
+                          weight_decay=cfg.weight_decay)
+  sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=cfg.warmup_fraction_of_epoch * steps_per_epoch)
+  params = {"w": jax.numpy.asarray(p.detach().numpy())}
+  state = tx.init(params)
+  rng = np.random.default_rng(1)
+  for step in range(40):  # through the end of the 28.84-step warm-up
+    g = rng.standard_normal(50).astype(np.float32) * (3.0 if step % 3 else 0.1)  # clipped and unclipped
+    assert np.isclose(float(schedule(step)), sched.get_last_lr()[0], rtol=1e-6, atol=0)
+    p.grad = torch.from_numpy(g.copy())
+    torch.nn.utils.clip_grad_norm_([p], cfg.grad_clip)
+    opt.step()
+    sched.step()
+    updates, state = tx.update({"w": jax.numpy.asarray(g)}, state, params)
+    params = jax.tree.map(lambda a, u: a + u, params, updates)
+    np.testing.assert_allclose(np.asarray(params["w"]), p.detach().numpy(), rtol=2e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The job end to end.
+
+
+def test_devices_kill_resume_nan_export(prepared, tmp_path):
+  """One uninterrupted run on 1 device (subprocess) is the reference for: the same run on 8 devices
+  (in-process), a run killed with SIGKILL mid-way and restarted, and a NaN that stops a resumed run."""
+  from idmp_jax import parallel
+  from idmp_jax.tasks import inpaint_train
+  ref_dir, k_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
+  reference = launch(prepared, ref_dir)
+
+  # 8 devices, in this process, while the reference compiles.
+  config = load_config(model_dir=prepared["model_dir"], data_dir=prepared["data_dir"])
+  summary = inpaint_train.run(config, str(tmp_path / "eight"), parallel.make_mesh(config))
+  assert summary["step"] == EPOCHS * STEPS_PER_EPOCH and len(summary["val_losses"]) == EPOCHS
+  assert reference.wait(timeout=400) == 0, output(ref_dir)[-3000:]
+  ref_train, ref_val = losses(ref_dir)
+  assert sorted(ref_train) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1)) and sorted(ref_val) == [2, 4, 6]
+  assert len(set(np.round(list(ref_train.values()), 6))) == len(ref_train)  # It trains: every loss differs.
+  eight_train, eight_val = losses(str(tmp_path / "eight"))
+  np.testing.assert_allclose([eight_train[s] for s in sorted(ref_train)], [ref_train[s] for s in sorted(ref_train)],
+                             rtol=2e-5)
+  np.testing.assert_allclose([eight_val[s] for s in sorted(ref_val)], [ref_val[s] for s in sorted(ref_val)],
+                             rtol=2e-5)
+
+  # A NaN, started now beside the kill test: one more epoch on a copy of the reference run with a poisoned UNet
+  # weight. It stops at step 7 naming the batch; checkpoint 6 (the last good one) is untouched and nothing is
+  # written for step 7.
+  nan_dir, poisoned = str(tmp_path / "nan"), str(tmp_path / "poisoned")
+  shutil.copytree(ref_dir, nan_dir)
+  shutil.copytree(prepared["model_dir"], poisoned)
+  from idmp_jax.models import unet
+  cfg, params = unet.load_pretrained(os.path.join(poisoned, "unet"))
+  params["conv_out"]["bias"] = params["conv_out"]["bias"] * np.nan
+  unet.save_pretrained(os.path.join(poisoned, "unet"), cfg, params)
+  ckpts = os.path.join(nan_dir, "checkpoints")
+  mtimes = lambda: {f: os.path.getmtime(os.path.join(ckpts, "6", f)) for f in os.listdir(os.path.join(ckpts, "6"))}
+  before = mtimes()
+  nan_run = launch(prepared, nan_dir, model_dir=poisoned, num_epochs=EPOCHS + 1)
+
+  # Killed at an arbitrary step (whatever a checkpoint write is doing then), restarted with the same command.
+  kill_at = int(np.random.default_rng().integers(2, EPOCHS * STEPS_PER_EPOCH - 1))
+  proc = launch(prepared, k_dir)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    path = os.path.join(k_dir, "metrics.jsonl")
+    if os.path.exists(path) and max(read_jsonl(path) or {0: 0}) >= kill_at:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  resumed = launch(prepared, k_dir)
+  assert resumed.wait(timeout=400) == 0, output(k_dir)[-3000:]
+  assert "resumed from" in output(k_dir)
+  k_train, k_val = losses(k_dir)
+  assert sorted(k_train) == sorted(ref_train)
+  np.testing.assert_allclose([k_train[s] for s in sorted(ref_train)], [ref_train[s] for s in sorted(ref_train)],
+                             rtol=1e-6)
+  np.testing.assert_allclose([k_val[s] for s in sorted(ref_val)], [ref_val[s] for s in sorted(ref_val)], rtol=1e-6)
+
+  # Exports: each epoch's adapter, the final one, the merged UNet; the final adapter equals the reference's.
+  from safetensors.numpy import load_file
+  for e in range(1, EPOCHS + 1):
+    assert os.path.exists(os.path.join(k_dir, "lora", f"epoch_{e}", "pytorch_lora_weights.safetensors"))
+  a = load_file(os.path.join(k_dir, "export", "lora", "pytorch_lora_weights.safetensors"))
+  b = load_file(os.path.join(ref_dir, "export", "lora", "pytorch_lora_weights.safetensors"))
+  assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+  assert os.path.exists(os.path.join(k_dir, "export", "unet", "diffusion_pytorch_model.safetensors"))
+
+  assert nan_run.wait(timeout=400) != 0
+  text = output(nan_dir)
+  assert "non-finite loss = nan" in text and "at step 7 (epoch 4, batch 1, stems ['" in text, text[-3000:]
+  assert "last good checkpoint is step 6" in text
+  assert sorted(int(s) for s in os.listdir(ckpts) if s.isdigit())[-1] == 6
+  assert mtimes() == before
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(prepared, tmp_path):
+  """jax.distributed with a local coordinator (gloo collectives on CPU): 2 processes x 1 device give the losses of
+  1 process x 2 devices on the same global batches."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  single = launch(prepared, one, devices=2, num_epochs=2)
+  procs = [launch(prepared, two, log=f"{two}_{i}.log", env={"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"},
+                  num_epochs=2, **{"distributed.coordinator_address": f"localhost:{port}",
+                                   "distributed.num_processes": 2, "distributed.process_id": i})
+           for i in range(2)]
+  for i, p in enumerate(procs):
+    assert p.wait(timeout=600) == 0, output(two, f"{two}_{i}.log")[-3000:]
+  assert single.wait(timeout=600) == 0, output(one)[-3000:]
+  (a, a_val), (b, b_val) = losses(one), losses(two)
+  assert sorted(a) == sorted(b) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+  np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=2e-5)
+  np.testing.assert_allclose([b_val[s] for s in sorted(a_val)], [a_val[s] for s in sorted(a_val)], rtol=2e-5)
