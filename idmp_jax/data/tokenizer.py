@@ -15,6 +15,7 @@ caption (clean_caption keeps them) is split out and becomes id 0, in the slow an
 from __future__ import annotations
 
 import os
+import threading
 import unicodedata
 
 import numpy as np
@@ -55,6 +56,9 @@ def basic_clean(text: str) -> str:
   return " ".join(token.lower() for token in text.split())
 
 
+_LOCK = threading.RLock()
+
+
 class ClipTokenizer:
   """CLIP BPE with SD-2's special tokens: BOS 49406, EOS 49407, pad "!" = id 0, `period_id` = ".</w>"."""
 
@@ -71,8 +75,10 @@ class ClipTokenizer:
   def hf(self):
     """The transformers tokenizer, loaded on first use (so unpickling in a worker process is instant)."""
     if self._hf is None:
-      from transformers import CLIPTokenizer
-      self._hf = CLIPTokenizer.from_pretrained(self.folder)
+      with _LOCK:  # Reader threads may ask at once; a concurrent first import of transformers fails.
+        if self._hf is None:
+          from transformers import CLIPTokenizer
+          self._hf = CLIPTokenizer.from_pretrained(self.folder)
     return self._hf
 
   _hf = None
@@ -80,8 +86,10 @@ class ClipTokenizer:
   def encode(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
     """Token ids of each text with BOS/EOS, truncated to `max_length` (77) keeping the EOS, unpadded."""
     max_length = max_length or self.max_length
-    ids = self.hf([basic_clean(t) for t in texts], truncation=True, max_length=max_length,
-                  add_special_tokens=True)["input_ids"]
+    hf = self.hf
+    with _LOCK:  # A fast tokenizer with truncation is not safe to call from several threads ("Already borrowed").
+      ids = hf([basic_clean(t) for t in texts], truncation=True, max_length=max_length,
+               add_special_tokens=True)["input_ids"]
     return [list(map(int, x)) for x in ids]
 
   def __call__(self, texts: list[str], max_length: int | None = None) -> np.ndarray:
