@@ -152,9 +152,13 @@ def test_devices_kill_resume_nan_export(prepared, tmp_path):
   kill_at = int(np.random.default_rng().integers(2, EPOCHS * STEPS_PER_EPOCH - 1))
   proc = launch(prepared, k_dir)
   deadline = time.time() + 300
+  ckpt_dir = os.path.join(k_dir, "checkpoints")
   while time.time() < deadline and proc.poll() is None:
     path = os.path.join(k_dir, "metrics.jsonl")
-    if os.path.exists(path) and max(read_jsonl(path) or {0: 0}) >= kill_at:
+    # At a random step, once a first checkpoint is complete (Orbax renames a finished one to its bare step
+    # number): killed before that, the restart would rightly start over and there would be no resume to test.
+    finished = os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))
+    if finished and os.path.exists(path) and max(read_jsonl(path) or {0: 0}) >= kill_at:
       break
     time.sleep(0.05)
   assert proc.poll() is None, "the run ended before it could be killed"
