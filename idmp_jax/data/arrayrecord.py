@@ -213,25 +213,8 @@ class ArrayRecordInpaintingSource:
 
   def example(self, index: int, epoch: int = 0) -> dict:
     stem, image, anns, masks = self.read(index)
-    prompts = None
-    if self.prompts_dir is not None:
-      path = os.path.join(self.prompts_dir, f"{stem}.json")
-      try:
-        with open(path, "r", encoding="utf-8") as f:
-          prompts = json.load(f)
-      except (OSError, json.JSONDecodeError) as e:
-        raise files.BadExampleError(path, f"generated prompts unreadable ({e})") from None
-    selection = None
-    if self.selection is not None:
-      if stem not in self.selection:
-        raise files.BadExampleError(self.selection_path or "<selection manifest>", f"no entry for stem {stem!r}")
-      selection = self.selection[stem]
-      missing = [n for n in selection if n not in anns]
-      if missing:
-        raise files.BadExampleError(self.where(index), f"selection names unknown masks {missing}")
-    return make_inpainting_example(image, anns, masks, self.tokenizer, self.config,
-                                   example_rng(self.seed, stem, epoch), stem=stem, prompts=prompts,
-                                   selection=selection)
+    # Same attributes as InpaintingSource (prompts_dir, selection, tokenizer, config, seed): one build path.
+    return InpaintingSource.build(self, stem, image, anns, masks, epoch, self.where(index))
 
 
 def inpainting_source(path, split: str, tokenizer, config: InpaintingConfig = InpaintingConfig(), *,

@@ -287,6 +287,11 @@ class InpaintingSource:
   def example(self, index: int, epoch: int = 0) -> dict:
     stem = self.stems[index]
     image, anns, masks = files.read_example(self.layout, self.split, stem, ("caption",))
+    return self.build(stem, image, anns, masks, epoch, self.layout.annotations(stem))
+
+  def build(self, stem: str, image, anns, masks, epoch: int, where: str) -> dict:
+    """The example from decoded inputs, with the generated prompts and the selection entry of `stem` (shared by
+    every source that reads the same data from another store; `where` names it in errors)."""
     prompts = None
     if self.prompts_dir is not None:
       path = os.path.join(self.prompts_dir, f"{stem}.json")
@@ -302,7 +307,7 @@ class InpaintingSource:
       selection = self.selection[stem]
       missing = [n for n in selection if n not in anns]
       if missing:
-        raise files.BadExampleError(self.layout.annotations(stem), f"selection names unknown masks {missing}")
+        raise files.BadExampleError(where, f"selection names unknown masks {missing}")
     return make_inpainting_example(image, anns, masks, self.tokenizer, self.config,
                                    example_rng(self.seed, stem, epoch), stem=stem, prompts=prompts,
                                    selection=selection)
