@@ -265,10 +265,10 @@ class LlavaNextForConditionalGeneration(nn.Module):
     return jnp.where(is_image[..., None], jnp.take(feats, k, axis=0), x)
 
   def __call__(self, input_ids, pixel_values=None, feature_index=None, *, attention_mask=None, positions=None,
-               cache=None, last_only: bool = False):
+               cache=None, last_only: bool = False, right_padded: bool = False):
     x = self.embed(input_ids, pixel_values, feature_index)
     return self.language_model(inputs_embeds=x, attention_mask=attention_mask, positions=positions,
-                               cache=cache, last_only=last_only)
+                               cache=cache, last_only=last_only, right_padded=right_padded)
 
   # The generation interface (idmp_jax.models.generation), shared with LlamaForCausalLM.
   def prefill(self, inputs_embeds, attention_mask, cache):
