@@ -108,6 +108,8 @@ def bench_generation(args, config, params, results):
   for batch in args.batches:
     inputs = make_inputs(config, batch, args.image, rng)
     seq_len = int(inputs["input_ids"].shape[1])
+    tc = config.text_config  # The KV cache a decode step reads: k and v, every layer, prompt + new tokens, bf16.
+    cache_bytes = 2 * tc.num_hidden_layers * batch * tc.num_key_value_heads * tc.head_dim * (seq_len + args.new_tokens) * 2
     gen = generation.Generator(model, generation.GenerationConfig(
         max_new_tokens=args.new_tokens, pad_token_id=0, chunk_size=args.new_tokens,
         prefill_rows=math.gcd(batch, args.prefill_rows or batch)))
@@ -138,6 +140,7 @@ def bench_generation(args, config, params, results):
         "prefill_s": p, "decode_s": d, "decode_ms_per_step": 1e3 * d / steps,
         "decode_new_tokens_per_s": batch * steps / d, "end_to_end_new_tokens_per_s": batch * args.new_tokens / (p + d),
         "weights_only_bound_tokens_per_s": batch / step_floor, "fraction_of_bound": step_floor / (d / steps),
+        "weights_and_cache_bound_tokens_per_s": batch / (step_floor + cache_bytes / hbm_bytes_per_s()),
         "lm_weight_gb": lm_bytes / 1e9, "warmup_s": compile_s, "peak_gib": peak_memory_gib(),
         "first_tokens": tokens[0, :8].tolist(),
     }
@@ -155,7 +158,8 @@ def bench_lora(args, config, params, results):
   tx = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01))
 
   def forward(m, ids, pix, index, mask):  # Logits of the answer positions only (the loss needs no others).
-    h, _ = m.language_model.model(inputs_embeds=m.embed(ids, pix, index), attention_mask=mask)
+    h, _ = m.language_model.model(inputs_embeds=m.embed(ids, pix, index), attention_mask=mask,
+                                  right_padded=not args.explicit_mask)
     return m.language_model.logits(h[:, -ANSWER_TOKENS - 1:-1])
 
   def loss_fn(trainable, frozen, batch, rng):
@@ -196,7 +200,8 @@ def bench_lora(args, config, params, results):
                       "error": f"{type(e).__name__}: {msg}"})
       continue
     t = statistics.median(times[1:])
-    row = {"bench": "lora_step", "batch": batch, "remat": args.remat, "seq_len": seq_len, "step_s": t,
+    row = {"bench": "lora_step", "batch": batch, "remat": args.remat, "explicit_mask": args.explicit_mask,
+           "attention": args.attention, "seq_len": seq_len, "step_s": t,
            "tokens_per_s": batch * seq_len / t, "loss_first": loss0, "loss_last": float(loss), "warmup_s": compile_s,
            "trainable": lora.count(trainable), "peak_gib": peak_memory_gib()}
     results.append(row)
@@ -213,6 +218,8 @@ def main():
   parser.add_argument("--lora-batches", default="1,4", help="'' to skip the LoRA step")
   parser.add_argument("--remat", default="dots", choices=tuple(llama.REMAT_POLICIES))
   parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
+  parser.add_argument("--explicit-mask", action="store_true",
+                      help="LoRA step: attention with a (T, T) mask tensor instead of plain causal (right padding)")
   parser.add_argument("--layers", type=int, default=0, help="override the decoder depth (quick experiments)")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
@@ -249,13 +256,14 @@ def main():
           f"{r['weights_only_bound_tokens_per_s']:>7.0f} {r['fraction_of_bound']:>5.2f} {peak:>8}")
   lora_rows = [r for r in results if r["bench"] == "lora_step"]
   if lora_rows:
-    print(f"\n{'LoRA b':>6} {'remat':>5} {'step s':>7} {'tok/s':>7} {'peak GiB':>8}")
+    print(f"\n{'LoRA b':>6} {'remat':>5} {'step s':>7} {'tok/s':>7} {'peak GiB':>8} {'loss first/last':>16}")
   for r in lora_rows:
     if "error" in r:
       print(f"{r['batch']:>6} {r['remat']:>5} {r['error']}")
       continue
     peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-    print(f"{r['batch']:>6} {r['remat']:>5} {r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f} {peak:>8}")
+    print(f"{r['batch']:>6} {r['remat']:>5} {r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f} {peak:>8} "
+          f"{r['loss_first']:>7.3f}/{r['loss_last']:.3f}")
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"device": str(jax.devices()[0]), "results": results}, f, indent=2)
