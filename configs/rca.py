@@ -23,6 +23,8 @@ def get_config(arg=None):
                                # "tiny": idmp_jax.tiny's random pipeline, built in the workdir.
   c.data_dir = ""              # mm_inp_dataset root (images/ masks/ entities/); "demo": the demo dataset, built in
                                # the workdir (needs the `demo` extra, scikit-image).
+  c.data_format = "folder"     # "folder": data_dir | "array_record": array_record_dir, the same dataset as written by
+  c.array_record_dir = ""      # `python -m data_prep build-tfds --out=DIR` (DIR or its version folder); same examples.
 
   # Data (SPEC §2): the original's training dataset options.
   c.rca = True
