@@ -68,6 +68,7 @@ def run(config, workdir: str, mesh):
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   dtype, frozen_dtype = jnp.dtype(config.dtype), jnp.dtype(config.frozen_dtype)
+  parallel.sharding_rules(config.sharding_rules)  # A bad preset name or rule fails before anything is built.
 
   model_dir, data_dir = _inputs(config, workdir)
   tokenizer = load_clip_tokenizer(model_dir)
@@ -127,11 +128,19 @@ def run(config, workdir: str, mesh):
   # ---- Shardings and state -------------------------------------------------------------------------------
   tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch)
   replicated = parallel.replicated(mesh)
-  frozen = jax.device_put(frozen, parallel.param_shardings(frozen, mesh, [tuple(r) for r in config.sharding_rules]))
+  frozen = jax.device_put(frozen, frozen_shardings(frozen, mesh, config))
   # Step k's randomness: fold_in(fold_in(root, 1), k); validation batch i's: fold_in(fold_in(root, 2), i).
-  state = jax.jit(lambda p: diffusion.init_state(p, tx, jax.random.fold_in(root_key, 1)),
-                  out_shardings=replicated)(jax.device_put(trainable, replicated))
+  init_state = lambda p: diffusion.init_state(p, tx, jax.random.fold_in(root_key, 1))
+  # The LoRA weights and the optimizer state follow the same rules. The "fsdp" preset leaves them replicated:
+  # lora_a/lora_b are not kernels, and at rank 16 they are ~3M weights (~10M with both AdamW moments) beside
+  # the UNet's 865M, not worth a gather per use.
+  state_shardings = parallel.param_shardings(jax.eval_shape(init_state, trainable), mesh,
+                                             parallel.sharding_rules(config.sharding_rules),
+                                             min_size=config.get("fsdp_min_size", 0))
+  state = jax.jit(init_state, out_shardings=state_shardings)(jax.device_put(trainable, replicated))
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  parallel.log_param_shardings(frozen, "frozen weights")
+  parallel.log_param_shardings(state, "LoRA weights and optimizer state")
   train_step = jax.jit(diffusion.make_train_step(models, tx, schedule), donate_argnums=(0,),
                        out_shardings=(state_sharding, replicated))
   eval_step = jax.jit(diffusion.make_eval_step(models), out_shardings=replicated)
@@ -240,10 +249,20 @@ def run(config, workdir: str, mesh):
   writer.flush()
   writer.close()
   ckpt.close()
+  frozen_arrays, frozen_sharded = parallel.count_sharded(frozen)
   summary = {"step": step, "epochs_done": epoch, "val_losses": meta["val_losses"],
-             "stopped_early": meta["stopped_early"], "workdir": workdir}
+             "stopped_early": meta["stopped_early"], "workdir": workdir, "frozen_arrays": frozen_arrays,
+             "frozen_arrays_sharded": frozen_sharded}
   logging.info("inpaint_train done: %s", summary)
   return summary
+
+
+def frozen_shardings(frozen, mesh, config):
+  """Shardings of the frozen weights ({"unet", "vae", "text"}) from config.sharding_rules (a preset name or
+  rules; paths are frozen/unet/..., as the config documents) and config.fsdp_min_size."""
+  shardings = parallel.param_shardings({"frozen": frozen}, mesh, parallel.sharding_rules(config.sharding_rules),
+                                       min_size=config.get("fsdp_min_size", 0))
+  return shardings["frozen"]
 
 
 def _name(source, index) -> str:
