@@ -167,8 +167,9 @@ def run(config, workdir: str, mesh):
 
   # ---- Model ---------------------------------------------------------------------------------------------
   model_dir, data_dir = _inputs(config, workdir)
-  load_dtype = np.float32 if config.quantize == "int8" else jnp.dtype(config.frozen_dtype)
-  model_config, params = ln.load_pretrained(model_dir, dtype=load_dtype)
+  # Read in the storage dtype (no fp32 copy of the 7B on the host); int8 is quantised from those values, as the
+  # original quantised its bf16 weights.
+  model_config, params = ln.load_pretrained(model_dir, dtype=jnp.dtype(config.frozen_dtype))
   model = ln.LlavaNextForConditionalGeneration(model_config, dtype=dtype, attention_impl=config.attention,
                                                remat_policy=config.remat_policy)
   root_key = jax.random.key(config.seed)
@@ -243,7 +244,8 @@ def run(config, workdir: str, mesh):
     last_saved["step"] = at_step
 
   def export_adapter(folder):
-    trained = jax.device_get(state.params)  # Every process takes part in gathering the sharded leaves.
+    # Every process takes part: with fsdp across hosts no process holds a whole LoRA leaf.
+    trained = multihost_utils.process_allgather(state.params, tiled=True)
     if is_main:
       ln.save_peft_adapter(folder, lora.merge(trained, adapter_scalars), tuple(config.lora.targets),
                            base_model_name_or_path=config.model_dir)
