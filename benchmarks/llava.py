@@ -174,7 +174,7 @@ def bench_lora(args, config, params, results):
   adapted = lora.init_lora(params["language_model"], jax.random.PRNGKey(1), job.lora.rank, job.lora.alpha,
                            tuple(job.lora.targets), job.lora.init, job.lora.dropout)
   trainable, frozen = lora.split(dict(params, language_model=adapted))
-  tx, schedule = optim.make_optimizer(job.optimizer, steps_per_epoch=2884)
+  tx, schedule = optim.make_optimizer(job.optimizer, steps_per_epoch=2884, total_steps=2884)
   step = jax.jit(promptgen.make_train_step(model, args.answer_window, tx, schedule), donate_argnums=(0,))
   rng = np.random.default_rng(1)
   for batch in args.lora_batches:

@@ -277,7 +277,7 @@ def test_eight_devices_equal_one_and_restart_resumes(prepared, tmp_path):
   from idmp_jax.train import optimizer as optim, state as train_state
   _, base = ln.load_pretrained(prepared["model_dir"])
   trainable, frozen = lora.split(_random_adapter(base))
-  tx, _ = optim.make_optimizer(config.optimizer, 2)
+  tx, _ = optim.make_optimizer(config.optimizer, 2, 4)
   rules = [tuple(r) for r in config.sharding_rules]
   state = parallel.param_shardings(jax.eval_shape(lambda p: train_state.init_state(p, tx, jax.random.key(0)),
                                                   trainable), mesh, rules)
@@ -287,3 +287,14 @@ def test_eight_devices_equal_one_and_restart_resumes(prepared, tmp_path):
   kernels = [s.spec for p, s in jax.tree_util.tree_leaves_with_path(parallel.param_shardings(frozen, mesh, rules))
              if "kernel" in jax.tree_util.keystr(p)]
   assert kernels and all("fsdp" in s for s in kernels)
+
+
+def test_warmup_is_one_percent_of_the_run():
+  """SPEC §9: lr 2e-4, linear warm-up over 1% of the run's steps (28.84 of the original's 2,884), lr 0 at 0."""
+  from idmp_jax.train import optimizer as optim
+  for epochs in (1, 2):
+    _, schedule = optim.make_optimizer(pt.default_config().optimizer, 2884, epochs * 2884)
+    warmup = 28.84 * epochs
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(int(warmup))), 2e-4 * int(warmup) / warmup, rtol=1e-6)
+    assert float(schedule(int(warmup) + 1)) == pytest.approx(2e-4, rel=1e-6)
