@@ -10,6 +10,7 @@ TASKS = {
     "paint": "idmp_jax.tasks.paint",
     "inpaint_train": "idmp_jax.tasks.inpaint_train",
     "promptgen_generate": "idmp_jax.tasks.promptgen_generate",
+    "promptgen_train": "idmp_jax.tasks.promptgen_train",
 }
 
 

@@ -166,7 +166,7 @@ def run(config, workdir: str, mesh):
   # ---- Helpers -------------------------------------------------------------------------------------------
   writer = metrics.create_writer(workdir, is_main)
   if latest is None:
-    writer.write_hparams({k: str(v) for k, v in _flat_config(config).items()})
+    writer.write_hparams({k: str(v) for k, v in metrics.flat_config(config).items()})
   progress = metrics.Progress(total_steps, step, enabled=is_main and config.progress_bar)
   last_saved = {"step": latest}
   step_metrics = loop.StepMetrics(writer, config.log_every_steps, progress, lambda: last_saved["step"])
@@ -187,7 +187,7 @@ def run(config, workdir: str, mesh):
       s, n = eval_step(state.params, frozen, parallel.shard_batch(train_input.device_fields(batch, batch_keys),
                                                                    mesh), jax.random.fold_in(val_key, i))
       total, count = total + float(s), count + float(n)
-    _close(it)
+    train_input.close(it)
     return total / max(count, 1.0)
 
   # ---- Train ---------------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def run(config, workdir: str, mesh):
         meta["stopped_early"] = True
       epoch += 1
       meta["epoch"] = epoch
-      _close(epoch_iter)
+      train_input.close(epoch_iter)
       epoch_iter = iter(loader(train_source, epoch, True))
       save(step, epoch_iter)
       step_metrics.restart_clock()
@@ -233,7 +233,7 @@ def run(config, workdir: str, mesh):
     if last_saved["step"] != step:
       save(step, epoch_iter if epoch_iter is not None else iter(loader(train_source, epoch, True)))
     ckpt.wait()
-    _close(epoch_iter)
+    train_input.close(epoch_iter)
   except loop.NonFiniteLossError as e:
     ckpt.wait()  # The last save (checked finite) completes; nothing after it is written.
     logging.error("%s", e)
@@ -269,23 +269,3 @@ def _name(source, index) -> str:
   """An example's stem where the source has stems (folder sources), else its index."""
   stems = getattr(source, "stems", None)
   return stems[int(index)] if stems is not None else f"#{int(index)}"
-
-
-def _close(iterator) -> None:
-  """Stops a Grain iterator's worker processes now rather than at interpreter exit."""
-  if iterator is not None and hasattr(iterator, "close"):
-    iterator.close()
-
-
-def _flat_config(config) -> dict:
-  out = {}
-
-  def walk(prefix, node):
-    for k, v in node.items():
-      if hasattr(v, "items"):
-        walk(f"{prefix}{k}.", v)
-      else:
-        out[prefix + k] = v
-
-  walk("", config)
-  return out
