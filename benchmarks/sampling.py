@@ -58,8 +58,10 @@ def main():
   args = p.parse_args()
   if args.small:
     args.size, args.steps, args.batch, args.iters = 64, 3, 2, 1
+  t0 = time.perf_counter()
   models, params = build(args.small)
-  params = sampling.cast_params(params, jnp.bfloat16)
+  params = jax.block_until_ready(sampling.cast_params(params, jnp.bfloat16))
+  print(f"random params on {jax.devices()[0].device_kind} in {time.perf_counter() - t0:.1f} s", flush=True)
   rng = np.random.default_rng(0)
   b, s = args.batch, args.size
   rm, tr = random_regions(rng, b, s, num_masks=5, max_concepts=5)

@@ -180,9 +180,8 @@ def main():
   kinds = ["unet", "full"] if args.kind == "both" else [args.kind]
   models, trainable, frozen, ucfg = build(args.small, dtype, args.attention, args.remat)
   n_lora = lora.count(trainable)
-  tx, schedule = optim.make_optimizer(
-      type("C", (), dict(lr=1e-4, warmup_fraction_of_epoch=0.01, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8,
-                         weight_decay=1e-2, grad_clip=1.0)), 2884)
+  from configs import rca  # The job's own optimizer settings.
+  tx, schedule = optim.make_optimizer(rca.get_config().optimizer, 2884)
   steps = {"unet": jax.jit(unet_only_step(models, tx, schedule), donate_argnums=0),
            "full": jax.jit(diffusion.make_train_step(models, tx, schedule), donate_argnums=0)}
   rng = np.random.default_rng(0)
