@@ -215,17 +215,28 @@ def gen_colors(num_masks: int) -> list[str]:
   return list(COLORS)[:num_masks][::-1]
 
 
+def to_uint8(pixel_values: np.ndarray) -> np.ndarray:
+  """[-1, 1] -> [0, 1] -> 8 bits by truncation, as the original's `.mul(255).byte()`."""
+  return ((pixel_values * np.float32(0.5) + np.float32(0.5)) * np.float32(255)).astype(np.uint8)
+
+
+def painted_question(image: np.ndarray, masks: Sequence[np.ndarray], colors: Sequence[str]) -> tuple[np.ndarray, str]:
+  """The MultiMask model's input for one image (SPEC §6/§8 at test time): mask i painted solid in colour
+  `colors[i]` onto the uint8 (H, W, 3) image, largest first (smaller masks on top), and the question listing the
+  colours in mask order with red moved to the end (the test-time order, which the stop string </red> relies on).
+  Painting before or after the 8-bit conversion gives the same bytes (0 and 255 are exact)."""
+  for i in sorted(range(len(masks)), key=lambda i: float(masks[i].sum()), reverse=True):  # stable: largest first
+    image = draw_mask(image, masks[i], COLORS[colors[i]], 1.0)
+  asked = sorted(colors, key=lambda c: c == "red")  # stable: red last
+  return image, multimask_question(asked)
+
+
 def inpainting_example(example: dict) -> dict:
   """The -Gen question and painted image from an InpaintingSource example (extras on)."""
   k = len(example["mask_names"])
-  colors = gen_colors(k)
-  # [-1, 1] -> [0, 1] -> 8 bits by truncation, as the original's `.mul(255).byte()`; painting solid colours before
-  # or after the conversion gives the same bytes (0 and 255 are exact).
-  image = ((example["pixel_values"] * np.float32(0.5) + np.float32(0.5)) * np.float32(255)).astype(np.uint8)
-  masks = example["masks"][:k]
-  for i in sorted(range(k), key=lambda i: float(masks[i].sum()), reverse=True):  # stable: largest first
-    image = draw_mask(image, masks[i], COLORS[colors[i]], 1.0)
-  return {"stem": example["stem"], "image": image, "question": multimask_question(colors), "colors": colors,
+  colors = gen_colors(k)  # Red already last: the question keeps mask order.
+  image, question = painted_question(to_uint8(example["pixel_values"]), example["masks"][:k], colors)
+  return {"stem": example["stem"], "image": image, "question": question, "colors": colors,
           "masks": list(example["mask_names"]), "captions": list(example["captions"])}
 
 
@@ -239,22 +250,28 @@ def llava_example(example: dict) -> dict:
 # Inputs.
 
 
-def _prepare_inputs(config, workdir):
-  """Resolves and checks model and data folders (named in every error) before anything is computed."""
-  if config.examples not in ("llava", "inpainting"):
-    raise ValueError(f"config.examples = {config.examples!r}: expected 'llava' or 'inpainting'")
-  model_dir = config.model_dir
+def resolve_model_dir(model_dir: str, workdir: str, seed: int = 0, field: str = "config.model_dir"):
+  """(folder, LlavaNextConfig) after checking the folder's files; "tiny" builds the tiny random LLaVA-NeXT in
+  workdir/tiny_llava. `field` names the config field in errors."""
   if model_dir == "tiny":
     from idmp_jax.tiny_llava import make_tiny_llava
-    model_dir = make_tiny_llava(os.path.join(workdir, "tiny_llava"), seed=config.seed)
+    model_dir = make_tiny_llava(os.path.join(workdir, "tiny_llava"), seed=seed)
   if not model_dir or not os.path.isdir(model_dir):
-    raise FileNotFoundError(f"config.model_dir = {model_dir!r}: LLaVA-NeXT model folder not found")
+    raise FileNotFoundError(f"{field} = {model_dir!r}: LLaVA-NeXT model folder not found")
   for name in ("config.json", "tokenizer.json", "preprocessor_config.json"):
     if not os.path.isfile(os.path.join(model_dir, name)):
       raise FileNotFoundError(f"{os.path.join(model_dir, name)}: missing from the LLaVA-NeXT model folder")
   config_path = os.path.join(model_dir, "config.json")
   model_config = ln.LlavaNextConfig.from_dict(torch_format.read_json(config_path), source=config_path)
   torch_format.find_weights(model_dir, ("model",))  # Raises naming the folder when no weights are there.
+  return model_dir, model_config
+
+
+def _prepare_inputs(config, workdir):
+  """Resolves and checks model and data folders (named in every error) before anything is computed."""
+  if config.examples not in ("llava", "inpainting"):
+    raise ValueError(f"config.examples = {config.examples!r}: expected 'llava' or 'inpainting'")
+  model_dir, model_config = resolve_model_dir(config.model_dir, workdir, config.seed)
   if config.require_adapter and not config.adapter:
     raise ValueError(f"config {config.name!r} is a fine-tuned variant: set config.adapter to its LoRA adapter")
   if config.adapter:
@@ -349,6 +366,54 @@ def generate_answers(generator: generation.Generator, params, inputs: dict, stop
   return [tokenizer.decode(row[:n]) for row, n in zip(tokens, lengths)]
 
 
+def generation_config(model_config: ln.LlavaNextConfig, tokenizer: LlavaTokenizer, *, max_new_tokens: int,
+                      chunk_size: int, prefill_rows: int = 0) -> generation.GenerationConfig:
+  """Greedy decoding up to EOS (the tokenizer's and the model's) or max_new_tokens; stop strings come per call."""
+  eos = tuple(sorted({tokenizer.eos_id, *model_config.text_config.eos_token_id} - {None}))
+  return generation.GenerationConfig(
+      max_new_tokens=max_new_tokens, eos_token_id=eos,
+      pad_token_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0, chunk_size=chunk_size,
+      prefill_rows=prefill_rows)
+
+
+_WRITER_GENERATORS: dict = {}
+
+
+class MaskPromptWriter:
+  """The MultiMask prompt generator for one image and its masks at a time, loaded once and compiled once per
+  bucketed shape (the paint command and the app): `writer(image, masks, colors) -> (prompts, answer)`.
+
+  The image is painted and asked about as `painted_question` says; decoding is greedy up to EOS, the stop string
+  (</red>) or `max_new_tokens`; each colour's prompt is the first complete <c>...</c> of the answer (SPEC §6's
+  rule, case kept), stripped, "" when the answer has none. Runs on the default device."""
+
+  def __init__(self, model_dir: str, *, dtype=jnp.bfloat16, attention: str = "auto", max_new_tokens: int = 128,
+               chunk_size: int = 16, length_bucket: int = 256, stop_string: str = "</red>", workdir: str = ".",
+               seed: int = 0):
+    self.model_dir, self.model_config = resolve_model_dir(model_dir, workdir, seed)
+    self.tokenizer = LlavaTokenizer(self.model_dir)
+    self.proc_config = lp.ImageProcessorConfig.load(self.model_dir)
+    self.length_bucket, self.stop_string = length_bucket, stop_string
+    _, params = ln.load_pretrained(self.model_dir, dtype=jnp.dtype(dtype))  # Cast on the host, then moved once.
+    self.params = jax.device_put(params)
+    gen_config = generation_config(self.model_config, self.tokenizer, max_new_tokens=max_new_tokens,
+                                   chunk_size=chunk_size)
+    key = (self.model_config, gen_config, jnp.dtype(dtype), attention)
+    if key not in _WRITER_GENERATORS:  # Shared by writers of the same model: compiled once per process.
+      model = ln.LlavaNextForConditionalGeneration(self.model_config, dtype=jnp.dtype(dtype), attention_impl=attention)
+      _WRITER_GENERATORS[key] = generation.Generator(model, gen_config)
+    self.generator = _WRITER_GENERATORS[key]
+
+  def __call__(self, image: np.ndarray, masks: Sequence[np.ndarray], colors: Sequence[str]):
+    """image: (H, W, 3) uint8; masks: (H, W) arrays (non-zero = inside); colors: one COLORS key per mask."""
+    painted, question = painted_question(np.asarray(image, np.uint8), masks, colors)
+    inputs = make_batch([{"image": painted, "question": question}], self.tokenizer, self.proc_config,
+                        self.model_config, self.length_bucket)
+    answer = generate_answers(self.generator, self.params, {k: jnp.asarray(v) for k, v in inputs.items()},
+                              (self.stop_string,), self.tokenizer)[0]
+    return [p.strip() for p in parse_answer(answer, colors, "first_pair")], answer
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -382,10 +447,8 @@ def run(config, workdir: str, mesh) -> dict:
   _, params = ln.load_pretrained(model_dir, dtype=dtype)  # Cast on the host: no fp32 copy on any device.
   devices = list(mesh.local_devices)[:config.devices or None]
   model = ln.LlavaNextForConditionalGeneration(model_config, dtype=dtype, attention_impl=config.attention)
-  eos = tuple(sorted({tokenizer.eos_id, *model_config.text_config.eos_token_id} - {None}))
-  gen_config = generation.GenerationConfig(
-      max_new_tokens=config.max_new_tokens, eos_token_id=eos,
-      pad_token_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0, chunk_size=config.chunk_size,
+  gen_config = generation_config(
+      model_config, tokenizer, max_new_tokens=config.max_new_tokens, chunk_size=config.chunk_size,
       prefill_rows=math.gcd(config.batch_size, config.prefill_rows or config.batch_size))
   # One Generator (compiled functions) and one params copy per device; a queue hands free devices to batches.
   slots = queue.Queue()
