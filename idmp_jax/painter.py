@@ -173,11 +173,12 @@ class Painter:
   """Models loaded and placed once; `write_prompts` and `paint` reuse compiled code for every request of the same
   settings. Requests run one at a time (a process-wide lock; the app's queue also runs one at a time)."""
 
-  def __init__(self, *, model_dir: str = "tiny", llava_dir: str = "tiny", workdir: str = "workdir/paint",
+  def __init__(self, models: sampling.Models, params: dict, clip_tokenizer, prompt_writer=None, *,
                resolution: int = 512, max_concepts: int = 5, dtype: str = "bfloat16", attention: str = "auto",
-               lora: str = "", seed: int = 0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-               scheduler: str = "", max_pixels: int = MAX_PIXELS, prompt_max_new_tokens: int = 128,
-               prompt_chunk_size: int = 16, load_prompt_writer: bool = True, log: Callable[[str], None] = print):
+               seed: int = 0, num_inference_steps: int = 50, guidance_scale: float = 7.5, scheduler: str = "",
+               max_pixels: int = MAX_PIXELS, notes: Sequence[str] = (), load_seconds: float = 0.0):
+    """From loaded parts (`load` reads them from model folders): params as `sampling.load_models` gives them
+    (cast to `dtype` and placed here), the pipeline's CLIP tokenizer, an optional MaskPromptWriter."""
     if not 1 <= max_concepts <= len(COLORS):
       raise ValueError(f"max_concepts = {max_concepts}: must be in 1..{len(COLORS)} (one colour per mask)")
     if resolution % 8:
@@ -185,46 +186,57 @@ class Painter:
     self.resolution, self.max_concepts, self.max_pixels = resolution, max_concepts, max_pixels
     self.dtype, self.attention, self.seed = jnp.dtype(dtype), attention, seed
     self.defaults = dict(steps=num_inference_steps, guidance=guidance_scale, scheduler=scheduler)
-    self.notes = []  # What a person should know about these models (shown by the command and the app).
+    self.notes = list(notes)  # What a person should know about these models (the command and the app show it).
+    self.models = models
+    self.params = jax.device_put(sampling.cast_params(params, self.dtype))
+    self.tokenizer = clip_tokenizer
+    self.uncond_ids = clip_tokenizer([""])[0]
+    self.data_config = InpaintingConfig(resolution=resolution, max_concepts=max_concepts, masked_area_threshold=None,
+                                        shuffle_concepts=False, rca=True, extras=True)
+    self.prompt_writer = prompt_writer
+    self.load_seconds = load_seconds
+
+  @classmethod
+  def load(cls, *, model_dir: str = "tiny", llava_dir: str = "tiny", workdir: str = "workdir/paint", lora: str = "",
+           load_prompt_writer: bool = True, prompt_max_new_tokens: int = 128, prompt_chunk_size: int = 16,
+           dtype: str = "bfloat16", attention: str = "auto", seed: int = 0, log: Callable[[str], None] = print,
+           **options) -> "Painter":
+    """From model folders; "tiny" builds a tiny random one in workdir (no downloads) and says so."""
     t0 = time.perf_counter()
-    self.tiny_sd = model_dir == "tiny"
-    if self.tiny_sd:  # NumPy-drawn weights: no compilation to build it (make_tiny_pipeline's Linen init has one).
+    notes = []
+    if model_dir == "tiny":  # NumPy-drawn weights: no compilation to build it (make_tiny_pipeline's Linen init has one).
       from idmp_jax.train.tiny import write_random_pipeline
       model_dir = os.path.join(workdir, "tiny_pipeline")
       if not os.path.exists(os.path.join(model_dir, "model_index.json")):
         write_random_pipeline(model_dir, seed=seed)
-      self.notes.append("model_dir=tiny: a tiny random SD-2 inpainting pipeline, so the painting is noise; give "
-                        "--config.model_dir=.../stable-diffusion-2-inpainting for real paintings")
-    self.model_dir = model_dir
-    self.models, params = sampling.load_models(model_dir, lora=lora)
-    self.params = jax.device_put(sampling.cast_params(params, self.dtype))
-    self.tokenizer = load_clip_tokenizer(model_dir)
-    self.uncond_ids = self.tokenizer([""])[0]
-    self.data_config = InpaintingConfig(resolution=resolution, max_concepts=max_concepts, masked_area_threshold=None,
-                                        shuffle_concepts=False, rca=True, extras=True)
-    self.prompt_writer = None
-    self.tiny_llava = llava_dir == "tiny"
+      notes.append("model_dir=tiny: a tiny random SD-2 inpainting pipeline, so the painting is noise; give "
+                   "--config.model_dir=.../stable-diffusion-2-inpainting for real paintings")
+    models, params = sampling.load_models(model_dir, lora=lora)
+    writer = None
     if load_prompt_writer:
       from idmp_jax.tasks.promptgen_generate import MaskPromptWriter
-      self.prompt_writer = MaskPromptWriter(llava_dir, dtype=self.dtype, attention=attention,
-                                            max_new_tokens=prompt_max_new_tokens, chunk_size=prompt_chunk_size,
-                                            workdir=workdir, seed=seed)
-      if self.tiny_llava:
-        self.notes.append("llava_dir=tiny: a tiny random LLaVA-NeXT, so the prompts are random text; give "
-                          "--config.llava_dir=.../llava-v1.6-vicuna-7b-hf (the MultiMask model) for real ones")
-    self.load_seconds = time.perf_counter() - t0
-    for note in self.notes:
+      writer = MaskPromptWriter.load(llava_dir, dtype=jnp.dtype(dtype), attention=attention, workdir=workdir,
+                                     seed=seed, max_new_tokens=prompt_max_new_tokens, chunk_size=prompt_chunk_size)
+      if llava_dir == "tiny":
+        notes.append("llava_dir=tiny: a tiny random LLaVA-NeXT, so the prompts are random text; give "
+                     "--config.llava_dir=DIR (a LLaVA-NeXT folder with the MultiMask fine-tuning merged in) for "
+                     "real ones")
+    for note in notes:
       log(note)
+    painter = cls(models, params, load_clip_tokenizer(model_dir), writer, dtype=dtype, attention=attention,
+                  seed=seed, notes=notes, **options)
+    painter.load_seconds = time.perf_counter() - t0
+    return painter
 
   @classmethod
   def from_config(cls, config, workdir: str, load_prompt_writer: bool = True, **kwargs) -> "Painter":
     """From a paint / paint_app config (configs/paint.py, configs/app.py)."""
-    return cls(model_dir=config.model_dir, llava_dir=config.llava_dir, workdir=workdir,
-               resolution=config.resolution, max_concepts=config.max_concepts, dtype=config.dtype,
-               attention=config.attention, lora=config.lora, seed=config.seed,
-               num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-               scheduler=config.scheduler, max_pixels=config.max_pixels,
-               prompt_max_new_tokens=config.prompt_max_new_tokens, load_prompt_writer=load_prompt_writer, **kwargs)
+    return cls.load(model_dir=config.model_dir, llava_dir=config.llava_dir, workdir=workdir, lora=config.lora,
+                    load_prompt_writer=load_prompt_writer, prompt_max_new_tokens=config.prompt_max_new_tokens,
+                    dtype=config.dtype, attention=config.attention, seed=config.seed,
+                    resolution=config.resolution, max_concepts=config.max_concepts,
+                    num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                    scheduler=config.scheduler, max_pixels=config.max_pixels, **kwargs)
 
   # ---------------------------------------------------------------------------------------------------------------
 
@@ -299,9 +311,9 @@ class Painter:
       _UNET_CALLS[0] = 0
       t0 = time.perf_counter()
       out = fn(self.params, batch, noise, posterior)  # Dispatched asynchronously: progress is polled below.
-      while on_progress is not None and not out.is_ready():
-        on_progress(min(_UNET_CALLS[0], total), total)
-        time.sleep(0.05)
+      while on_progress is not None and not out.is_ready() and _UNET_CALLS[0] < total:
+        on_progress(_UNET_CALLS[0], total)
+        time.sleep(0.01)  # After the last UNet call only the VAE decode is left: block on it below.
       result = np.asarray(out)[0]
       seconds = time.perf_counter() - t0
     if on_progress is not None:

@@ -387,22 +387,28 @@ class MaskPromptWriter:
   (</red>) or `max_new_tokens`; each colour's prompt is the first complete <c>...</c> of the answer (SPEC §6's
   rule, case kept), stripped, "" when the answer has none. Runs on the default device."""
 
-  def __init__(self, model_dir: str, *, dtype=jnp.bfloat16, attention: str = "auto", max_new_tokens: int = 128,
-               chunk_size: int = 16, length_bucket: int = 256, stop_string: str = "</red>", workdir: str = ".",
-               seed: int = 0):
-    self.model_dir, self.model_config = resolve_model_dir(model_dir, workdir, seed)
-    self.tokenizer = LlavaTokenizer(self.model_dir)
-    self.proc_config = lp.ImageProcessorConfig.load(self.model_dir)
+  def __init__(self, model_config: ln.LlavaNextConfig, params, tokenizer: LlavaTokenizer,
+               proc_config: lp.ImageProcessorConfig, *, dtype=jnp.bfloat16, attention: str = "auto",
+               max_new_tokens: int = 128, chunk_size: int = 16, length_bucket: int = 256,
+               stop_string: str = "</red>"):
+    """params: the model's, already in `dtype` and on the device (`load` does both)."""
+    self.model_config, self.params, self.tokenizer, self.proc_config = model_config, params, tokenizer, proc_config
     self.length_bucket, self.stop_string = length_bucket, stop_string
-    _, params = ln.load_pretrained(self.model_dir, dtype=jnp.dtype(dtype))  # Cast on the host, then moved once.
-    self.params = jax.device_put(params)
-    gen_config = generation_config(self.model_config, self.tokenizer, max_new_tokens=max_new_tokens,
-                                   chunk_size=chunk_size)
-    key = (self.model_config, gen_config, jnp.dtype(dtype), attention)
+    gen_config = generation_config(model_config, tokenizer, max_new_tokens=max_new_tokens, chunk_size=chunk_size)
+    key = (model_config, gen_config, jnp.dtype(dtype), attention)
     if key not in _WRITER_GENERATORS:  # Shared by writers of the same model: compiled once per process.
-      model = ln.LlavaNextForConditionalGeneration(self.model_config, dtype=jnp.dtype(dtype), attention_impl=attention)
+      model = ln.LlavaNextForConditionalGeneration(model_config, dtype=jnp.dtype(dtype), attention_impl=attention)
       _WRITER_GENERATORS[key] = generation.Generator(model, gen_config)
     self.generator = _WRITER_GENERATORS[key]
+
+  @classmethod
+  def load(cls, model_dir: str, *, dtype=jnp.bfloat16, workdir: str = ".", seed: int = 0,
+           field: str = "config.llava_dir", **kwargs) -> "MaskPromptWriter":
+    """From a llava-hf folder ("tiny": the tiny random one, built in workdir)."""
+    model_dir, model_config = resolve_model_dir(model_dir, workdir, seed, field=field)
+    _, params = ln.load_pretrained(model_dir, dtype=jnp.dtype(dtype))  # Cast on the host, then moved once.
+    return cls(model_config, jax.device_put(params), LlavaTokenizer(model_dir), lp.ImageProcessorConfig.load(model_dir),
+               dtype=dtype, **kwargs)
 
   def __call__(self, image: np.ndarray, masks: Sequence[np.ndarray], colors: Sequence[str]):
     """image: (H, W, 3) uint8; masks: (H, W) arrays (non-zero = inside); colors: one COLORS key per mask."""
