@@ -111,13 +111,53 @@ def test_upload_write_prompts_paint_download(page, demo_root, tmp_path):  # noqa
   _save_screenshot(page)
 
 
-def test_bad_mask_file_shows_a_message(page, tmp_path):
+def test_bad_mask_file_shows_a_message(page, app_url, tmp_path):
+  page.goto(app_url)  # A fresh page: no painting, no masks.
+  page.wait_for_selector("#paint")
   bad = tmp_path / "notes.png"
   bad.write_text("not a picture")
   page.set_input_files("#mask-files input[type=file]", [str(bad)])
   message = page.get_by_text("is not an image PIL can read")
   message.first.wait_for()
   assert "notes.png" in message.first.inner_text()
+
+
+def test_page_inputs_brush_colours_and_messages(tmp_path):
+  """The page's input rules without a browser: brush strokes by colour, uploads in colour order, the messages."""
+  from idmp_jax.painter import InputError, check_inputs
+  from idmp_jax.tasks.paint_app import collect_inputs
+  image = Image.new("RGB", (40, 30), (90, 80, 70))
+  layer = np.zeros((30, 40, 4), np.uint8)
+  layer[2:10, 2:10] = (250, 5, 5, 255)    # Red brush (nearly pure: antialiasing).
+  layer[5:20, 5:25] = (0, 0, 255, 200)    # Blue brush over part of it.
+  layer[25:, 30:] = (0, 255, 0, 40)       # Too transparent to count.
+  upload = np.zeros((30, 40), np.uint8)
+  upload[10:, :] = 255
+  Image.fromarray(upload).save(tmp_path / "sky.png")
+  value = {"background": image, "layers": [Image.fromarray(layer, "RGBA")], "composite": None}
+  _, masks = collect_inputs(value, [str(tmp_path / "sky.png")], max_concepts=3)
+  assert [(m.color, m.name) for m in masks] == [("red", "sky + red brush"), ("blue", "blue brush")]
+  assert masks[0].pixels[3, 3] == 255 and masks[0].pixels[20, 0] == 255 and masks[1].pixels[6, 6] == 255
+  assert not masks[1].pixels[25:, 30:].any()
+
+  Image.fromarray(np.zeros((30, 41), np.uint8)).save(tmp_path / "wide.png")
+  Image.fromarray(np.zeros((30, 40), np.uint8)).save(tmp_path / "black.png")
+  cases = [
+      (dict(value=None, paths=[]), "no painting"),
+      (dict(value=value, paths=[str(tmp_path / "wide.png")]), "41x30 but the painting is 40x30"),
+      (dict(value=value, paths=[str(tmp_path / "sky.png")] * 4), "at most max_concepts = 3"),
+  ]
+  for case, message in cases:
+    with pytest.raises(InputError, match=message):
+      collect_inputs(case["value"], case["paths"], max_concepts=3)
+  _, masks = collect_inputs({**value, "layers": []}, [str(tmp_path / "black.png")], max_concepts=3)
+  with pytest.raises(InputError, match="'black' \\(red\\) is empty"):
+    check_inputs(image, masks, 3)
+  with pytest.raises(InputError, match="limit of 1,000 pixels"):
+    check_inputs(image, masks, 3, max_pixels=1000)
+  _, masks = collect_inputs(value, [], max_concepts=3)
+  with pytest.raises(InputError, match="prompt of the blue mask"):
+    check_inputs(image, masks, 3, prompts=["a cat", " "])
 
 
 def _save_screenshot(page):

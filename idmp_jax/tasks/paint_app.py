@@ -99,17 +99,17 @@ def brush_masks(layers, size, colors) -> dict[str, np.ndarray]:
 
 def collect_inputs(editor_value, mask_paths, max_concepts: int) -> tuple[Image.Image, list[Mask]]:
   """The painting and its masks (colour order) from the editor and the uploaded PNGs, or InputError."""
-  if not editor_value or editor_value.get("background") is None:
-    raise InputError("no painting: upload one into the editor (or take a dataset example)")
-  image = editor_value["background"].convert("RGB")
   colors = list(COLORS)[:max_concepts]
   mask_paths = [p for p in (mask_paths or []) if p]
   if len(mask_paths) > max_concepts:
     raise InputError(f"{len(mask_paths)} mask files, but at most max_concepts = {max_concepts} masks can be "
                      "painted at once")
+  mask_images = [_open_image(path, "mask file").convert("L") for path in mask_paths]
+  if not editor_value or editor_value.get("background") is None:
+    raise InputError("no painting: upload one into the editor (or take a dataset example)")
+  image = editor_value["background"].convert("RGB")
   uploaded = {}
-  for path, color in zip(mask_paths, colors):
-    m = _open_image(path, "mask file").convert("L")
+  for path, m, color in zip(mask_paths, mask_images, colors):
     if m.size != image.size:
       raise InputError(f"mask file {os.path.basename(path)!r} is {m.width}x{m.height} but the painting is "
                        f"{image.width}x{image.height}: masks must have the painting's size")
@@ -160,7 +160,9 @@ def _friendly(fn):
   return wrapped
 
 
-CSS = "\n".join(f"#prompt-{c} textarea {{ border-left: 10px solid {hex_color(c)}; }}" for c in COLORS)
+CSS = "\n".join([f"#prompt-{c} textarea {{ border-left: 10px solid {hex_color(c)}; }}" for c in COLORS] + [
+    # Small paintings (CPU settings) fill the view, pixels kept sharp; the files keep their size.
+    "#input-view img, #result img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"])
 
 
 def build_app(painter: painter_lib.Painter, config, workdir: str):
@@ -185,7 +187,9 @@ def build_app(painter: painter_lib.Painter, config, workdir: str):
   @_friendly
   def show_masks(editor_value, mask_paths):
     if not editor_value or editor_value.get("background") is None:
-      return None, ""
+      for path in mask_paths or []:  # No painting yet: at least say now whether the files are images.
+        _open_image(path, "mask file")
+      return None, "Masks uploaded; now upload the painting." if mask_paths else ""
     image, masks = collect_inputs(editor_value, mask_paths, painter.max_concepts)
     listed = ", ".join(f"{m.color}: {m.name}" for m in masks) or "none yet"
     return masks_preview(image, masks), f"Masks: {listed}."
