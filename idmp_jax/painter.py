@@ -311,8 +311,11 @@ class Painter:
       _UNET_CALLS[0] = 0
       t0 = time.perf_counter()
       out = fn(self.params, batch, noise, posterior)  # Dispatched asynchronously: progress is polled below.
+      reported = -1
       while on_progress is not None and not out.is_ready() and _UNET_CALLS[0] < total:
-        on_progress(_UNET_CALLS[0], total)
+        if _UNET_CALLS[0] != reported:
+          reported = _UNET_CALLS[0]
+          on_progress(reported, total)
         time.sleep(0.01)  # After the last UNet call only the VAE decode is left: block on it below.
       result = np.asarray(out)[0]
       seconds = time.perf_counter() - t0

@@ -83,6 +83,8 @@ def test_upload_write_prompts_paint_download(page, demo_root, tmp_path):  # noqa
 
   page.click("#paint")
   page.wait_for_selector("#downloads a")
+  page.wait_for_function("() => { const i = document.querySelector('#result img'); "
+                         "return i && i.complete && i.naturalWidth > 0; }")  # Decoded, not just inserted.
   size = page.evaluate("() => { const i = document.querySelector('#result img'); "
                        "return [i.naturalWidth, i.naturalHeight]; }")
   assert size == [64, 64]

@@ -90,3 +90,22 @@ def test_bad_inputs_are_named(inputs, tmp_path, overrides, error, match):
   c = config_for(inputs, **{k: v.format(d=inputs) for k, v in overrides.items()})
   with pytest.raises(error, match=match):
     paint.run(c, str(tmp_path), parallel.make_mesh(c))
+
+
+def test_painter_reuses_compiled_sampler_and_reports_progress(inputs, tiny_models, tmp_path):
+  from idmp_jax import painter as painter_lib
+  p = painter_lib.Painter.load(model_dir=tiny_models["model_dir"], load_prompt_writer=False, workdir=str(tmp_path),
+                               dtype="float32", resolution=64, num_inference_steps=3, log=lambda _: None)
+  image = Image.open(inputs / "image.png").convert("RGB")
+  boat, sky = (np.asarray(Image.open(inputs / f"{n}.png")) for n in ("boat", "sky"))
+  ticks = []
+  first = p.paint(image, [painter_lib.Mask("boat", "red", boat)], ["a boat"],
+                  on_progress=lambda done, total: ticks.append((done, total)))
+  total = ticks[-1][1]
+  assert ticks[-1] == (total, total) and total >= 3 and all(d <= t for d, t in ticks)  # One tick per UNet call.
+  second = p.paint(image, [painter_lib.Mask("sky", "red", sky), painter_lib.Mask("boat", "blue", boat)],
+                   ["a sky", "a boat"], guidance=3.0, seed=5)  # New masks, prompts, guidance, seed: same program.
+  fn, _ = p._sampler(3, "", True)
+  assert fn._cache_size() == 1
+  assert not np.allclose(first.image, second.image)
+  assert [m.color for m in second.masks] == ["red", "blue"] and second.prompts == ["a sky", "a boat"]
