@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import socket
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -62,6 +63,9 @@ def page(app_url):
     browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     page = browser.new_page(viewport={"width": 1200, "height": 900}, accept_downloads=True)
     page.set_default_timeout(120_000)
+    page.outside = []  # Requests to anywhere but this machine: the page must load nothing from outside.
+    page.on("request", lambda r: None if urlparse(r.url).hostname in ("127.0.0.1", "localhost", None)
+            or r.url.startswith(("data:", "blob:")) else page.outside.append(r.url))
     page.goto(app_url)
     page.wait_for_selector("#paint")
     yield page
@@ -107,6 +111,7 @@ def test_upload_write_prompts_paint_download(page, demo_root, tmp_path):  # noqa
   assert [r["color"] for r in record] == ["red", "green"]
   assert record[0]["prompt"] == "a blue cup of tea" and record[1]["prompt"] == written["green"]
 
+  assert page.outside == []
   page.check("#regions input")  # The RCA regions over the result.
   page.wait_for_timeout(500)
   page.evaluate("() => document.querySelectorAll('.toast-wrap').forEach(t => t.remove())")  # Unhide the boxes.
