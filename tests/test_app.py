@@ -1,5 +1,5 @@
 """The web app in a real headless browser (Debian's chromium driven by playwright): upload the demo image and two
-masks, write prompts, paint, check the result's size and the download; a bad input shows its message on the page.
+masks, add a brush stroke, write prompts, paint, check the result's size and the download; a bad input shows its message on the page.
 Saves docs/app.png (the README's screenshot).
 
 The app runs in this process (its Painter on the tiny random models at 64 px, fp32, 3 steps). Under CI (CI=true)
@@ -79,6 +79,8 @@ def test_upload_write_prompts_paint_download(page, demo_root, tmp_path):  # noqa
   page.wait_for_selector("#input-view img")  # The masks shown in their colours.
   assert "red: mask_0, green: mask_1" in page.inner_text("#status")
 
+  _brush_stroke(page)  # Red (the brush's first colour): adds to the red mask.
+
   page.click("#write")
   page.wait_for_function("document.querySelector('#prompt-green textarea').value.length > 0")
   written = {c: page.input_value(f"#prompt-{c} textarea") for c in ("red", "green", "blue")}
@@ -108,7 +110,7 @@ def test_upload_write_prompts_paint_download(page, demo_root, tmp_path):  # noqa
   painting = np.asarray(Image.open(saved["painting.png"]))
   assert painting.shape == (64, 64, 3) and painting.std() > 0
   record = json.loads(saved["prompts.json"].read_text())
-  assert [r["color"] for r in record] == ["red", "green"]
+  assert [(r["color"], r["mask"]) for r in record] == [("red", "mask_0 + red brush"), ("green", "mask_1")]
   assert record[0]["prompt"] == "a blue cup of tea" and record[1]["prompt"] == written["green"]
 
   assert page.outside == []
@@ -165,6 +167,19 @@ def test_page_inputs_brush_colours_and_messages(tmp_path):
   _, masks = collect_inputs(value, [], max_concepts=3)
   with pytest.raises(InputError, match="prompt of the blue mask"):
     check_inputs(image, masks, 3, prompts=["a cat", " "])
+
+
+def _brush_stroke(page):
+  """A stroke with the editor's brush across the middle of the painting."""
+  page.locator("#editor button[aria-label='Brush']").first.click()
+  box = page.locator("#editor canvas").first.bounding_box()
+  x, y = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.4
+  page.mouse.move(x, y)
+  page.mouse.down()
+  for k in range(1, 16):
+    page.mouse.move(x + 10 * k, y + 4 * k)
+  page.mouse.up()
+  page.wait_for_timeout(300)
 
 
 def _save_screenshot(page):
