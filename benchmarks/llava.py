@@ -13,9 +13,11 @@ end-to-end new tokens/s (prefill included, what transformers' generate was timed
 bandwidth bound (datasheet HBM bandwidth: H100 3.35, H200 4.8 TB/s) and the fraction of it reached, and peak
 device memory. Note the KV cache a step also reads: 1.6 GB per row at 3064 tokens (6.4 GB at batch 4).
 The decoder prefill runs --prefill-rows rows at a time (batch 32 does not fit in 80 GB otherwise).
-LoRA training step (--lora-batches): r16/alpha16/dropout 0.05 on q/k/v/o/gate/up/down of the decoder, frozen
-bf16 base, fp32 adapters, AdamW + clip 0.5, cross-entropy on the last 64 tokens (the answer), remat policy
---remat over the decoder layers; reported as prompt tokens/s (batch * 3024 / step time), as BASELINES.md does.
+LoRA training step (--lora-batches): promptgen_train's own step (idmp_jax.train.promptgen.make_train_step with
+the job's LoRA recipe and optimizer: r16/alpha16/dropout 0.05 on q/k/v/o/gate/up/down of the decoder, AdamW,
+clip 0.5, warm-up schedule), frozen bf16 base, fp32 adapters; the last 64 tokens are the answer, logits over
+--answer-window positions (the job's default, max_length - 1 = 511); remat policy --remat over the decoder
+layers; reported as prompt tokens/s (batch * 3024 / step time), as BASELINES.md does.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idmp_jax.models import clip, generation, llama, lora
+from idmp_jax.train import optimizer as optim, promptgen, state as train_state
 from idmp_jax.models import llava_next as ln
 
 # Datasheet HBM bandwidth by card (BASELINES.md's ceiling uses the H100's).
@@ -48,7 +51,6 @@ def hbm_bytes_per_s() -> float:
   return next((v for k, v in HBM_BYTES_PER_S.items() if k in kind), HBM_BYTES_PER_S["H100"])
 TEXT_TOKENS = 96
 ANSWER_TOKENS = 64
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def small_config() -> ln.LlavaNextConfig:
@@ -108,6 +110,8 @@ def bench_generation(args, config, params, results):
   for batch in args.batches:
     inputs = make_inputs(config, batch, args.image, rng)
     seq_len = int(inputs["input_ids"].shape[1])
+    tc = config.text_config  # The KV cache a decode step reads: k and v, every layer, prompt + new tokens, bf16.
+    cache_bytes = 2 * tc.num_hidden_layers * batch * tc.num_key_value_heads * tc.head_dim * (seq_len + args.new_tokens) * 2
     gen = generation.Generator(model, generation.GenerationConfig(
         max_new_tokens=args.new_tokens, pad_token_id=0, chunk_size=args.new_tokens,
         prefill_rows=math.gcd(batch, args.prefill_rows or batch)))
@@ -138,6 +142,7 @@ def bench_generation(args, config, params, results):
         "prefill_s": p, "decode_s": d, "decode_ms_per_step": 1e3 * d / steps,
         "decode_new_tokens_per_s": batch * steps / d, "end_to_end_new_tokens_per_s": batch * args.new_tokens / (p + d),
         "weights_only_bound_tokens_per_s": batch / step_floor, "fraction_of_bound": step_floor / (d / steps),
+        "weights_and_cache_bound_tokens_per_s": batch / (step_floor + cache_bytes / hbm_bytes_per_s()),
         "lm_weight_gb": lm_bytes / 1e9, "warmup_s": compile_s, "peak_gib": peak_memory_gib(),
         "first_tokens": tokens[0, :8].tolist(),
     }
@@ -145,50 +150,53 @@ def bench_generation(args, config, params, results):
     print(json.dumps(row), flush=True)
 
 
+def lora_inputs(config: ln.LlavaNextConfig, batch: int, image_px: int, rng) -> dict:
+  """The training step's fields (idmp_jax.train.promptgen) for `batch` copies of make_inputs' prompt, its last
+  ANSWER_TOKENS tokens being the answer; one image per row, its views in the row."""
+  flat = make_inputs(config, batch, image_px, rng)
+  size = (image_px, image_px)
+  ids = np.asarray(flat["input_ids"])
+  row_index = np.zeros(ids.shape, np.int32)
+  row_index[ids == config.image_token_index] = np.tile(ln.image_feature_index([size], config), batch)
+  views = ln.num_views(size, config)
+  assert views == promptgen.max_views(config)  # A pinpoint's own size: no padding views, newline index as is.
+  pix = np.asarray(flat["pixel_values"].astype(jnp.float32)).reshape((batch, views) + flat["pixel_values"].shape[1:])
+  return {"input_ids": flat["input_ids"], "attention_mask": flat["attention_mask"],
+          "pixel_values": jnp.asarray(pix, jnp.bfloat16), "row_feature_index": jnp.asarray(row_index),
+          "answer_start": jnp.full((batch,), ids.shape[1] - ANSWER_TOKENS, jnp.int32),
+          "answer_length": jnp.full((batch,), ANSWER_TOKENS, jnp.int32), "valid": jnp.ones((batch,), jnp.float32)}
+
+
 def bench_lora(args, config, params, results):
-  import optax
+  """The job's own step (promptgen_train: idmp_jax.train.promptgen.make_train_step with the job's optimizer and
+  LoRA recipe), on the frozen bf16 base."""
+  from idmp_jax.tasks import promptgen_train
+  job = promptgen_train.default_config()
   model = ln.LlavaNextForConditionalGeneration(config, dtype=jnp.bfloat16, attention_impl=args.attention,
                                                remat_policy=args.remat)
-  adapted = lora.init_lora(params["language_model"], jax.random.PRNGKey(1), rank=16, alpha=16.0,
-                           targets=LORA_TARGETS, init="gaussian", dropout=0.05)
+  adapted = lora.init_lora(params["language_model"], jax.random.PRNGKey(1), job.lora.rank, job.lora.alpha,
+                           tuple(job.lora.targets), job.lora.init, job.lora.dropout)
   trainable, frozen = lora.split(dict(params, language_model=adapted))
-  tx = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01))
-
-  def forward(m, ids, pix, index, mask):  # Logits of the answer positions only (the loss needs no others).
-    h, _ = m.language_model.model(inputs_embeds=m.embed(ids, pix, index), attention_mask=mask)
-    return m.language_model.logits(h[:, -ANSWER_TOKENS - 1:-1])
-
-  def loss_fn(trainable, frozen, batch, rng):
-    logits = model.apply({"params": lora.merge(trainable, frozen)}, batch["input_ids"], batch["pixel_values"],
-                         batch["feature_index"], batch["attention_mask"], method=forward,
-                         rngs={lora.DROPOUT_RNG: rng})
-    labels = batch["input_ids"][:, -ANSWER_TOKENS:]
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
-
-  def step(trainable, opt_state, frozen, batch, rng):
-    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch, rng)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
-
-  step = jax.jit(step, donate_argnums=(0, 1))
+  tx, schedule = optim.make_optimizer(job.optimizer, steps_per_epoch=2884, total_steps=2884)
+  step = jax.jit(promptgen.make_train_step(model, args.answer_window, tx, schedule,
+                                           right_padded=not args.explicit_mask), donate_argnums=(0,))
   rng = np.random.default_rng(1)
   for batch in args.lora_batches:
-    inputs = make_inputs(config, batch, args.image, rng)
+    inputs = lora_inputs(config, batch, args.image, rng)
     seq_len = int(inputs["input_ids"].shape[1])
-    state = (jax.tree.map(jnp.copy, trainable), None)
     try:
-      state = (state[0], tx.init(state[0]))
+      state = train_state.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(0))
       t0 = time.perf_counter()
-      tr, opt, loss = step(*state, frozen, inputs, jax.random.PRNGKey(0))
-      loss0 = float(loss)  # The first step's loss (before any update).
+      state, m = step(state, frozen, inputs)
+      loss0 = float(m["loss"])  # The first step's loss (before any update).
       compile_s = time.perf_counter() - t0
       times = []
-      for i in range(args.iters + 1):
+      for _ in range(args.iters + 1):
         t0 = time.perf_counter()
-        tr, opt, loss = step(tr, opt, frozen, inputs, jax.random.PRNGKey(i + 1))
-        jax.block_until_ready(loss)
+        state, m = step(state, frozen, inputs)
+        jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t0)
-      del tr, opt
+      del state
     except Exception as e:  # noqa: BLE001 -- out of memory at a batch is a result.
       msg = str(e).splitlines()[0][:200]
       print(f"LoRA batch {batch}: FAILED ({type(e).__name__}: {msg})", flush=True)
@@ -196,9 +204,11 @@ def bench_lora(args, config, params, results):
                       "error": f"{type(e).__name__}: {msg}"})
       continue
     t = statistics.median(times[1:])
-    row = {"bench": "lora_step", "batch": batch, "remat": args.remat, "seq_len": seq_len, "step_s": t,
-           "tokens_per_s": batch * seq_len / t, "loss_first": loss0, "loss_last": float(loss), "warmup_s": compile_s,
-           "trainable": lora.count(trainable), "peak_gib": peak_memory_gib()}
+    row = {"bench": "lora_step", "batch": batch, "remat": args.remat, "explicit_mask": args.explicit_mask,
+           "attention": args.attention, "seq_len": seq_len, "step_s": t,
+           "tokens_per_s": batch * seq_len / t, "loss_first": loss0, "loss_last": float(m["loss"]),
+           "answer_window": args.answer_window, "warmup_s": compile_s, "trainable": lora.count(trainable),
+           "peak_gib": peak_memory_gib()}
     results.append(row)
     print(json.dumps(row), flush=True)
 
@@ -212,7 +222,10 @@ def main():
   parser.add_argument("--prefill-rows", type=int, default=2, help="decoder prefill rows at a time (0 = all)")
   parser.add_argument("--lora-batches", default="1,4", help="'' to skip the LoRA step")
   parser.add_argument("--remat", default="dots", choices=tuple(llama.REMAT_POLICIES))
+  parser.add_argument("--answer-window", type=int, default=511, help="positions whose logits the loss computes")
   parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
+  parser.add_argument("--explicit-mask", action="store_true",
+                      help="LoRA step: attention with a (T, T) mask tensor instead of plain causal (right padding)")
   parser.add_argument("--layers", type=int, default=0, help="override the decoder depth (quick experiments)")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
@@ -222,6 +235,7 @@ def main():
     config, args.image = small_config(), 64
     args.batches, args.new_tokens, args.iters, args.prefill_rows = [2, 4], 6, 1, 2
     args.lora_batches = [2] if args.lora_batches else []
+    args.answer_window = min(args.answer_window, ANSWER_TOKENS)
   else:
     config, args.image = ln.LlavaNextConfig(), 672
   if args.layers:
@@ -249,13 +263,14 @@ def main():
           f"{r['weights_only_bound_tokens_per_s']:>7.0f} {r['fraction_of_bound']:>5.2f} {peak:>8}")
   lora_rows = [r for r in results if r["bench"] == "lora_step"]
   if lora_rows:
-    print(f"\n{'LoRA b':>6} {'remat':>5} {'step s':>7} {'tok/s':>7} {'peak GiB':>8}")
+    print(f"\n{'LoRA b':>6} {'remat':>5} {'step s':>7} {'tok/s':>7} {'peak GiB':>8} {'loss first/last':>16}")
   for r in lora_rows:
     if "error" in r:
       print(f"{r['batch']:>6} {r['remat']:>5} {r['error']}")
       continue
     peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-    print(f"{r['batch']:>6} {r['remat']:>5} {r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f} {peak:>8}")
+    print(f"{r['batch']:>6} {r['remat']:>5} {r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f} {peak:>8} "
+          f"{r['loss_first']:>7.3f}/{r['loss_last']:.3f}")
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"device": str(jax.devices()[0]), "results": results}, f, indent=2)

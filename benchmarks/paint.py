@@ -132,7 +132,8 @@ def main():
   med = {k: statistics.median(r[k] for r in rows) for k in ("prompts_s", "paint_s", "total_s")}
   summary = dict(device=jax.devices()[0].device_kind, size=args.size, masks=3, steps=args.steps,
                  guidance=args.guidance, new_tokens=args.new_tokens, dtype=args.dtype, iters=args.iters,
-                 startup_s=startup_s, weights_s=weights_s, warmup_s=warm_s, **{f"median_{k}": v for k, v in med.items()},
+                 startup_s=startup_s, weights_s=weights_s, warmup_s=warm_s,
+                 **{f"median_{k}": v for k, v in med.items()},
                  runs=rows, date=time.strftime("%Y-%m-%d"))
   if args.out:
     with open(args.out, "w") as f:

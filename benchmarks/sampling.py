@@ -107,33 +107,40 @@ def bench_torch(args):
   from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
   from transformers import CLIPTextConfig, CLIPTextModel
   torch.manual_seed(0)
-  with torch.device("cuda"):
-    u = UNet2DConditionModel(**{k: v for k, v in unet.UNetConfig().to_dict().items() if not k.startswith("_")})
-    v = AutoencoderKL(**SD2_VAE)
-    t = CLIPTextModel(CLIPTextConfig(**SD2_TEXT))
+  # CPU (fp32) only to smoke-test this function with --small; the reported figure is CUDA fp16.
+  dev, dt = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+  ucfg, vcfg, tcfg = ((tiny.TINY_UNET, tiny.TINY_VAE, dict(vocab_size=514, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu", eos_token_id=2))
+                      if args.small else (unet.UNetConfig().to_dict(), SD2_VAE, SD2_TEXT))
+  with torch.device(dev):
+    u = UNet2DConditionModel(**{k: v for k, v in ucfg.items() if not k.startswith("_")})
+    v = AutoencoderKL(**{k: x for k, x in vcfg.items() if not k.startswith("_")})
+    t = CLIPTextModel(CLIPTextConfig(**tcfg))
   pipe = StableDiffusionInpaintPipeline(vae=v, text_encoder=t, tokenizer=None, unet=u,
                                         scheduler=PNDMScheduler(**{k: x for k, x in tiny.SD2_SCHEDULER.items()
                                                                    if not k.startswith("_") and k != "clip_sample"}),
                                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-  pipe = pipe.to("cuda", torch.float16)
+  pipe = pipe.to(dev, dt)
   pipe.set_progress_bar_config(disable=True)
   b, s = args.batch, args.size
-  image = torch.rand(b, 3, s, s, device="cuda", dtype=torch.float16) * 2 - 1
-  mask = (torch.rand(b, 1, s, s, device="cuda") > 0.5).to(torch.float16)
-  emb = torch.randn(b, 77, 1024, device="cuda", dtype=torch.float16)
+  image = torch.rand(b, 3, s, s, device=dev, dtype=dt)  # diffusers takes [0, 1] tensors
+  mask = (torch.rand(b, 1, s, s, device=dev) > 0.5).to(dt)
+  emb = torch.randn(b, 77, t.config.hidden_size, device=dev, dtype=dt)
+  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
   def call():
     return pipe(prompt_embeds=emb, negative_prompt_embeds=emb, image=image, mask_image=mask, height=s, width=s,
                 num_inference_steps=args.steps, guidance_scale=7.5, output_type="np")
   call()
   times = []
   for _ in range(args.iters):
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     call()
-    torch.cuda.synchronize()
+    sync()
     times.append(time.perf_counter() - t0)
   med = statistics.median(times)
-  print(f"torch diffusers pipeline fp16 (stock attention, no RCA) b{b} {args.steps} steps: {med:.3f} s/batch = "
+  print(f"torch diffusers pipeline {dt} (stock attention, no RCA) b{b} {args.steps} steps: {med:.3f} s/batch = "
         f"{med / b:.4f} s/img", flush=True)
   return dict(framework="torch", rca=False, batch=b, steps=args.steps, s_per_batch=med, s_per_image=med / b)
 

@@ -47,6 +47,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--data-dir")
   p.add_argument("--tokenizer")
+  p.add_argument("--build-dir", help="an existing build (<out>/idmp_inpainting/<version>) of --data-dir: time "
+                 "reading only (for a machine without TensorFlow, which building needs)")
   p.add_argument("--out", help="build-tfds output (default: a temp dir, removed at the end)")
   p.add_argument("--split", default="train")
   p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
@@ -59,7 +61,6 @@ def main():
   p.add_argument("--build-threads", type=int, help="build-tfds decoding threads (default: its own)")
   args = p.parse_args()
 
-  from data_prep.tfds_builder import build_tfds
   from idmp_jax.data import InpaintingConfig, InpaintingSource, load_clip_tokenizer
   from idmp_jax.data.arrayrecord import ArrayRecordInpaintingSource
 
@@ -75,12 +76,16 @@ def main():
     args.tokenizer = make_clip_tokenizer_folder(os.path.join(tmp, "tokenizer"))
   out = args.out or os.path.join(tmp, "tfds")
 
-  start = time.perf_counter()
-  summary = build_tfds(args.data_dir, out, num_threads=args.build_threads, progress=False)
-  seconds = time.perf_counter() - start
-  images = summary["records_written"] + len(summary["left_out"])
-  print(f"build-tfds: {images} images in {seconds:.2f} s = {1000 * seconds / max(images, 1):.1f} s per 1,000 "
-        f"images ({summary['shards_written']} shard(s) written now; cores {os.cpu_count()})", flush=True)
+  if args.build_dir:
+    summary = {"build_dir": args.build_dir}
+  else:
+    from data_prep.tfds_builder import build_tfds
+    start = time.perf_counter()
+    summary = build_tfds(args.data_dir, out, num_threads=args.build_threads, progress=False)
+    seconds = time.perf_counter() - start
+    images = summary["records_written"] + len(summary["left_out"])
+    print(f"build-tfds: {images} images in {seconds:.2f} s = {1000 * seconds / max(images, 1):.1f} s per 1,000 "
+          f"images ({summary['shards_written']} shard(s) written now; cores {os.cpu_count()})", flush=True)
 
   tokenizer = load_clip_tokenizer(args.tokenizer)
   config = InpaintingConfig(resolution=512, rca=True, drop_caption_probability=0.1)

@@ -2,7 +2,8 @@
 
 Default models: a tiny random pipeline and a tiny random LLaVA-NeXT built in the workdir (no downloads; the
 paintings are noise and the prompts random text). Real ones: `--config.model_dir=.../stable-diffusion-2-inpainting
---config.llava_dir=.../llava-multimask` (a LLaVA-NeXT folder with the MultiMask fine-tuning merged in).
+--config.llava_dir=.../llava-v1.6-vicuna-7b-hf --config.llava_adapter=DIR` (the MultiMask adapter, promptgen_train's
+export/adapter).
 `configs/app.py:cpu`: small settings for a CPU (64 px, 10 steps, fp32)."""
 from idmp_jax.tasks import paint_app
 

@@ -17,12 +17,19 @@ def get_config(arg=None):
   c.seed = 42                  # The original's seed (it adds the process index; ours is host-count invariant).
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.distributed = ml_collections.ConfigDict({"coordinator_address": "", "num_processes": 1, "process_id": 0})
-  c.sharding_rules = ()        # (regex, "replicate" | "fsdp") over frozen param paths; default: all replicated.
+  # Weight layout over the mesh: a preset of idmp_jax.parallel.SHARDING_PRESETS ("replicate"; "fsdp": the large
+  # frozen kernels split over the fsdp axis, for when the frozen weights do not fit each device), or a tuple of
+  # (regex, "replicate" | "fsdp") over '/'-joined paths: frozen/{unet,vae,text}/..., and the LoRA state's
+  # params/... and opt_state/... (AdamW's moments end in their weight's path, so they land like it).
+  c.sharding_rules = ml_collections.FieldReference("replicate", field_type=object)
+  c.fsdp_min_size = 2**16      # "fsdp" leaves with fewer elements replicate (conv_in/out, small projections).
 
   c.model_dir = ""             # stable-diffusion-2-inpainting folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/);
                                # "tiny": idmp_jax.tiny's random pipeline, built in the workdir.
   c.data_dir = ""              # mm_inp_dataset root (images/ masks/ entities/); "demo": the demo dataset, built in
                                # the workdir (needs the `demo` extra, scikit-image).
+  c.data_format = "folder"     # "folder": data_dir | "array_record": array_record_dir, the same dataset as written by
+  c.array_record_dir = ""      # `python -m data_prep build-tfds --out=DIR` (DIR or its version folder); same examples.
 
   # Data (SPEC §2): the original's training dataset options.
   c.rca = True

@@ -12,10 +12,16 @@ batches done}), rewritten atomically every `save_every` batches. Unlike the orig
 (a re-run after it does nothing). The original's last partial batch cut captions by the prompt's length, which
 does not match the decoded text (quirk, not reproduced: every batch uses "ASSISTANT: ").
 
-The captioner is any callable (images: list[PIL.Image], prompts: list[str]) -> list[str]. The default,
-`TransformersLlavaCaptioner`, is the original's: transformers LLaVA-NeXT (llava-v1.6-vicuna-13b), 4-bit NF4 with
-fp16 compute when CUDA and bitsandbytes are present (else fp16 on GPU, fp32 on CPU), left padding, max 40 new
-tokens, stop string ".". (idmp_jax's own JAX LLaVA can replace it once it exists: same callable.)
+The captioner is any callable (images: list[PIL.Image], prompts: list[str]) -> list[str]. Two are here, with the
+original's decoding (greedy, left padding, max 40 new tokens, stop after EOS or at the first new token holding
+"."): at the same precision they give the same greedy tokens and captions for the same model folder (tested in
+fp32 on a tiny random model); at the defaults below the weights differ (bf16 vs 4-bit NF4), and so may wording.
+  JaxLlavaCaptioner            the default: idmp_jax's LLaVA-NeXT (any llava-hf llava-v1.6 folder, e.g. the
+                               original's llava-v1.6-vicuna-13b-hf) in bf16 on an accelerator, fp32 on CPU. One
+                               device per process: shard over the devices with --num-processes/--process-id.
+  TransformersLlavaCaptioner   `--backend=transformers`, the original's own: transformers LLaVA-NeXT, 4-bit NF4
+                               with fp16 compute when CUDA and bitsandbytes are present (else fp16 on GPU, fp32 on
+                               CPU).
 """
 from __future__ import annotations
 
@@ -64,12 +70,68 @@ class TransformersLlavaCaptioner:
       kwargs["device_map"] = "auto"
     self.model = LlavaNextForConditionalGeneration.from_pretrained(model_id, **kwargs)
 
-  def __call__(self, images, prompts):
+  def generate(self, images, prompts):
+    """(B, prompt + new) token ids, as transformers' generate returns them (finished rows padded)."""
     inputs = self.processor(text=prompts, images=images, padding=True, return_tensors="pt").to(self.model.device)
-    ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, stop_strings=".",
-                              tokenizer=self.processor.tokenizer)
-    texts = self.processor.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, stop_strings=".",
+                               tokenizer=self.processor.tokenizer)
+
+  def __call__(self, images, prompts):
+    texts = self.processor.batch_decode(self.generate(images, prompts), skip_special_tokens=True,
+                                        clean_up_tokenization_spaces=False)
     return [answer_of(t) for t in texts]
+
+
+class JaxLlavaCaptioner:
+  """Captions with idmp_jax's LLaVA-NeXT (models/llava_next.py, models/generation.py) from a stock llava-hf folder.
+
+  Inputs are built as promptgen_generate builds them (its tokenizer and `make_batch`: the NumPy image processor,
+  image-token expansion, left padding), in bucketed shapes, and a short last batch is padded with copies of its
+  last row, so a process compiles once per bucket rather than once per batch. The caption is what the
+  transformers captioner returns: the prompt and the new tokens (up to EOS or the first one holding the stop
+  string, kept) decoded together, special tokens skipped, cut after "ASSISTANT: "."""
+
+  def __init__(self, model_dir: str, max_new_tokens: int = 40, *, dtype: str | None = None,
+               stop_string: str = ".", length_bucket: int = 64, chunk_size: int = 8):
+    import jax
+    import jax.numpy as jnp
+    from idmp_jax.data import llava_processor as lp
+    from idmp_jax.models import generation
+    from idmp_jax.models import llava_next as ln
+    from idmp_jax.tasks import promptgen_generate as pg
+    if not model_dir or not os.path.isdir(model_dir):
+      raise FileNotFoundError(f"--model-id {model_dir!r}: the JAX backend reads a local llava-hf model folder "
+                              "(download it first, or use --backend=transformers for hub ids)")
+    for name in ("config.json", "tokenizer.json", "preprocessor_config.json"):
+      if not os.path.isfile(os.path.join(model_dir, name)):
+        raise FileNotFoundError(f"{os.path.join(model_dir, name)}: missing from the LLaVA-NeXT model folder")
+    dtype = jnp.dtype(dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
+    self.make_batch = pg.make_batch
+    self.tokenizer = pg.LlavaTokenizer(model_dir)
+    self.proc_config = lp.ImageProcessorConfig.load(model_dir)
+    self.model_config, params = ln.load_pretrained(model_dir, dtype=dtype)  # cast on the host
+    self.params = jax.device_put(params)
+    self.stop_string, self.length_bucket, self.rows = stop_string, length_bucket, 0
+    eos = tuple(sorted({self.tokenizer.eos_id, *self.model_config.text_config.eos_token_id} - {None}))
+    pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+    model = ln.LlavaNextForConditionalGeneration(self.model_config, dtype=dtype)
+    self.generator = generation.Generator(model, generation.GenerationConfig(
+        max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, chunk_size=chunk_size))
+
+  def generate(self, images, prompts):
+    """(input_ids (B, T) of the prompts, new tokens (B, max_new_tokens), their lengths), B = len(images)."""
+    n = len(images)
+    self.rows = max(self.rows, n)  # later, shorter batches take the first batch's shape
+    examples = [{"image": im, "question": q} for im, q in zip(images, prompts)]
+    examples += [examples[-1]] * (self.rows - n)
+    inputs = self.make_batch(examples, self.tokenizer, self.proc_config, self.model_config, self.length_bucket)
+    tokens, lengths = self.generator(self.params, inputs, stop_strings=(self.stop_string,),
+                                     decode_fn=self.tokenizer.decode)
+    return inputs["input_ids"][:n], tokens[:n], lengths[:n]
+
+  def __call__(self, images, prompts):
+    ids, tokens, lengths = self.generate(images, prompts)
+    return [answer_of(self.tokenizer.decode(list(p) + list(t[:k]))) for p, t, k in zip(ids, tokens, lengths)]
 
 
 def progress_paths(backup_dir, process_id: int) -> tuple[str, str]:

@@ -50,7 +50,11 @@ def _parser() -> argparse.ArgumentParser:
 
   s = sub.add_parser("caption-masks", help="LLaVA captions of the entity crops (resumable, shardable)")
   s.add_argument("--entities-dir", required=True)
-  s.add_argument("--model-id", default="llava-hf/llava-v1.6-vicuna-13b-hf")
+  s.add_argument("--model-id", default="llava-hf/llava-v1.6-vicuna-13b-hf",
+                 help="llava-hf LLaVA-NeXT model: a local folder (jax), or a folder or hub id (transformers)")
+  s.add_argument("--backend", choices=("jax", "transformers"), default="jax",
+                 help="jax: idmp_jax's LLaVA-NeXT (one device per process); transformers: the original's")
+  s.add_argument("--dtype", help="jax backend compute dtype (default: bfloat16 on an accelerator, float32 on CPU)")
   s.add_argument("--batch-size", type=int, default=8)
   s.add_argument("--max-new-tokens", type=int, default=40)
   s.add_argument("--num-processes", type=int, default=1)
@@ -101,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None, captioner=None) -> int:
-  """Runs one step; `captioner` replaces caption-masks' LLaVA (tests, or our JAX LLaVA)."""
+  """Runs one step; `captioner` replaces caption-masks' LLaVA (tests)."""
   args = _parser().parse_args(argv)
   step = args.step
   if step == "download":
@@ -119,7 +123,9 @@ def main(argv=None, captioner=None) -> int:
     return text.extract_noun_chunk_roots(args.entities_dir, args.spacy_model)
   if step == "caption-masks":
     from data_prep import caption
-    if captioner is None:
+    if captioner is None and args.backend == "jax":
+      captioner = caption.JaxLlavaCaptioner(args.model_id, args.max_new_tokens, dtype=args.dtype)
+    elif captioner is None:
       captioner = caption.TransformersLlavaCaptioner(args.model_id, args.max_new_tokens)
     return caption.caption_masks(args.entities_dir, captioner, args.batch_size, args.num_processes,
                                  args.process_id, args.backup_dir, args.save_every)

@@ -197,14 +197,15 @@ class Painter:
     self.load_seconds = load_seconds
 
   @classmethod
-  def load(cls, *, model_dir: str = "tiny", llava_dir: str = "tiny", workdir: str = "workdir/paint", lora: str = "",
+  def load(cls, *, model_dir: str = "tiny", llava_dir: str = "tiny", llava_adapter: str = "",
+           workdir: str = "workdir/paint", lora: str = "",
            load_prompt_writer: bool = True, prompt_max_new_tokens: int = 128, prompt_chunk_size: int = 16,
            dtype: str = "bfloat16", attention: str = "auto", seed: int = 0, log: Callable[[str], None] = print,
            **options) -> "Painter":
     """From model folders; "tiny" builds a tiny random one in workdir (no downloads) and says so."""
     t0 = time.perf_counter()
     notes = []
-    if model_dir == "tiny":  # NumPy-drawn weights: no compilation to build it (make_tiny_pipeline's Linen init has one).
+    if model_dir == "tiny":  # NumPy-drawn weights: no compilation (make_tiny_pipeline's Linen init has one).
       from idmp_jax.train.tiny import write_random_pipeline
       model_dir = os.path.join(workdir, "tiny_pipeline")
       if not os.path.exists(os.path.join(model_dir, "model_index.json")):
@@ -215,12 +216,13 @@ class Painter:
     writer = None
     if load_prompt_writer:
       from idmp_jax.tasks.promptgen_generate import MaskPromptWriter
-      writer = MaskPromptWriter.load(llava_dir, dtype=jnp.dtype(dtype), attention=attention, workdir=workdir,
+      writer = MaskPromptWriter.load(llava_dir, adapter=llava_adapter, dtype=jnp.dtype(dtype), attention=attention,
+                                     workdir=workdir,
                                      seed=seed, max_new_tokens=prompt_max_new_tokens, chunk_size=prompt_chunk_size)
       if llava_dir == "tiny":
         notes.append("llava_dir=tiny: a tiny random LLaVA-NeXT, so the prompts are random text; give "
-                     "--config.llava_dir=DIR (a LLaVA-NeXT folder with the MultiMask fine-tuning merged in) for "
-                     "real ones")
+                     "--config.llava_dir=.../llava-v1.6-vicuna-7b-hf --config.llava_adapter=DIR (the MultiMask "
+                     "adapter, promptgen_train's export/adapter) for real ones")
     for note in notes:
       log(note)
     painter = cls(models, params, load_clip_tokenizer(model_dir), writer, dtype=dtype, attention=attention,
@@ -231,7 +233,8 @@ class Painter:
   @classmethod
   def from_config(cls, config, workdir: str, load_prompt_writer: bool = True, **kwargs) -> "Painter":
     """From a paint / paint_app config (configs/paint.py, configs/app.py)."""
-    return cls.load(model_dir=config.model_dir, llava_dir=config.llava_dir, workdir=workdir, lora=config.lora,
+    return cls.load(model_dir=config.model_dir, llava_dir=config.llava_dir, llava_adapter=config.llava_adapter,
+                    workdir=workdir, lora=config.lora,
                     load_prompt_writer=load_prompt_writer, prompt_max_new_tokens=config.prompt_max_new_tokens,
                     dtype=config.dtype, attention=config.attention, seed=config.seed,
                     resolution=config.resolution, max_concepts=config.max_concepts,

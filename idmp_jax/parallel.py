@@ -2,8 +2,9 @@
 
 Mesh axes are ("data", "fsdp", "tensor"). Batches shard over ("data", "fsdp"). Parameters shard by rules:
 an ordered list of (regex over the '/'-joined param path, tactic), first match wins, where a tactic is
-  "replicate"  every device holds the whole array (frozen UNet weights, small things), or
+  "replicate"  every device holds the whole array (the default for everything), or
   "fsdp"       the largest axis divisible by the fsdp axis size is split over "fsdp" (replicated if none is).
+A config names a preset of SHARDING_PRESETS ("fsdp": the large frozen kernels of SD-2) or spells its own rules.
 The same config runs on 1 CPU, 8 forced host devices, one GPU or a pod slice: only mesh sizes change.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from absl import logging
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -91,10 +91,12 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 
 def _fsdp_spec(shape: Sequence[int], mesh: Mesh) -> P:
+  """The largest axis of `shape` divisible by the fsdp size goes over "fsdp"; with none divisible (a 3x3 conv's
+  4 output channels over 8 devices, a scalar) the leaf replicates rather than padding."""
   n = mesh.shape["fsdp"]
   if n == 1:
     return P()
-  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):  # stable: the first of equal sizes
     if shape[axis] % n == 0:
       spec = [None] * len(shape)
       spec[axis] = "fsdp"
@@ -104,25 +106,75 @@ def _fsdp_spec(shape: Sequence[int], mesh: Mesh) -> P:
 
 TACTICS = ("replicate", "fsdp")
 
+# Named rule sets: `config.sharding_rules = "fsdp"` picks one, a sequence of (regex, tactic) pairs spells its own.
+# "fsdp" is for the frozen SD-2 weights (UNet, VAE encoder, text encoder): every Linear/Conv kernel and the token
+# embedding split over the fsdp axis; biases, norm scales, position embeddings and LoRA's leaves (lora_a/lora_b
+# and their scalars are not kernels) replicate, as does any leaf under `min_size` elements (param_shardings).
+SHARDING_PRESETS = {
+    "replicate": (),
+    "fsdp": ((r"(^|/)(kernel|token_embedding/embedding)$", "fsdp"),),
+}
 
-def param_shardings(abstract_params: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] = ()) -> Any:
-  """A tree of NamedShardings for `abstract_params` from (regex, tactic) rules; unmatched params replicate."""
-  for pattern, tactic in rules:
-    if tactic not in TACTICS:
-      raise ValueError(f"sharding rule {pattern!r}: tactic {tactic!r} is not one of {TACTICS}")
-  compiled = [(re.compile(p), t) for p, t in rules]
+
+def sharding_rules(value, field: str = "config.sharding_rules") -> tuple[tuple[str, str], ...]:
+  """Rules from a config value: a preset name of SHARDING_PRESETS, or (regex, tactic) pairs; `field` names the
+  config entry in errors."""
+  if isinstance(value, str):
+    if value not in SHARDING_PRESETS:
+      raise ValueError(f"{field} = {value!r}: not a preset (one of {sorted(SHARDING_PRESETS)}) nor a sequence of "
+                       "(regex, tactic) pairs")
+    return SHARDING_PRESETS[value]
+  rules = []
+  for rule in value or ():
+    if isinstance(rule, str) or len(rule) != 2 or rule[1] not in TACTICS:
+      raise ValueError(f"{field}: rule {rule!r} is not a (regex, tactic) pair with tactic in {TACTICS}")
+    try:
+      re.compile(rule[0])
+    except re.error as e:
+      raise ValueError(f"{field}: rule {rule!r}: bad regex ({e})") from None
+    rules.append((str(rule[0]), str(rule[1])))
+  return tuple(rules)
+
+
+def path_name(path) -> str:
+  """A tree path as the rules see it: dict keys, attribute names and sequence indices joined by '/'
+  (TrainState's `params/down_blocks_0/.../lora_a`, `opt_state/0/mu/down_blocks_0/.../lora_a`)."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] = (), *,
+                    min_size: int = 0) -> Any:
+  """A tree of NamedShardings for `abstract_params` from (regex, tactic) rules (re.search over `path_name`, first
+  match wins); unmatched params replicate, and so do "fsdp" leaves of fewer than `min_size` elements (gathering
+  a small array every step costs more latency than its copies cost memory)."""
+  compiled = [(re.compile(p), t) for p, t in sharding_rules(rules, "sharding rules")]
 
   def spec_for(path, leaf):
-    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    name = path_name(path)
     for regex, tactic in compiled:
       if regex.search(name):
-        return NamedSharding(mesh, _fsdp_spec(leaf.shape, mesh) if tactic == "fsdp" else P())
+        if tactic == "fsdp" and math.prod(leaf.shape) >= min_size:
+          return NamedSharding(mesh, _fsdp_spec(leaf.shape, mesh))
+        return NamedSharding(mesh, P())
     return NamedSharding(mesh, P())
 
   return jax.tree_util.tree_map_with_path(spec_for, abstract_params)
 
 
-def log_param_shardings(shardings: Any) -> None:
-  flat = traverse_util.flatten_dict(shardings) if isinstance(shardings, dict) else {}
-  sharded = sum(1 for s in flat.values() if any(a is not None for a in s.spec))
-  logging.info("params: %d arrays, %d sharded", len(flat), sharded)
+def count_sharded(shardings: Any) -> tuple[int, int]:
+  """(arrays, arrays split over some mesh axis) of a tree of NamedShardings (or of arrays)."""
+  leaves = [getattr(x, "sharding", x) for x in jax.tree.leaves(shardings)]
+  return len(leaves), sum(1 for s in leaves if any(a is not None for a in s.spec))
+
+
+def log_param_shardings(shardings: Any, what: str = "params") -> None:
+  total, sharded = count_sharded(shardings)
+  logging.info("%s: %d arrays, %d sharded", what, total, sharded)

@@ -1,5 +1,6 @@
 """The web app in a real headless browser (Debian's chromium driven by playwright): upload the demo image and two
-masks, add a brush stroke, write prompts, paint, check the result's size and the download; a bad input shows its message on the page.
+masks, add a brush stroke, write prompts, paint, check the result's size and the download; a bad input shows its
+message on the page.
 Saves docs/app.png (the README's screenshot).
 
 The app runs in this process (its Painter on the tiny random models at 64 px, fp32, 3 steps). Under CI (CI=true)

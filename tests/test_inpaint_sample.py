@@ -109,3 +109,19 @@ def test_sampler_output_evaluates_end_to_end(demo_run, tmp_path, capsys):
   for key in ("psnr", "lpips", "clip_iqa", "clipsim_i2i", "clipsim_t2i", "fid"):
     assert np.isfinite(result["metrics"]["all"][key]), key
   assert "| " in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+def test_array_record_build_reads_the_same_split(demo_run, demo_config, tmp_path):
+  """config.data_format = "array_record": the build of the same dataset gives the same stems, so a run on the
+  folder's workdir finds every painting done (painting from it: the examples are the folder's, value for value,
+  by tests/test_tfds_source.py; inpaint_train's losses from it, by tests/test_train.py)."""
+  from data_prep import tfds_builder
+  workdir, summary, mesh = demo_run
+  build = tfds_builder.build_tfds(os.path.join(workdir, "demo_data", "mm_inp_dataset"), str(tmp_path / "tfds"),
+                                  progress=False)["build_dir"]
+  c = demo_config.copy_and_resolve_references()
+  c.data_format, c.array_record_dir, c.data_dir = "array_record", str(tmp_path / "tfds"), str(tmp_path / "unread")
+  c.model_dir = os.path.join(workdir, "tiny_pipeline")
+  again = inpaint_sample.run(c, workdir, mesh)
+  assert again["images"] == summary["painted"] >= 2 and again["painted"] == 0
+  assert again["data_dir"] == build

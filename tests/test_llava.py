@@ -197,6 +197,23 @@ def test_llama_cache_matches_full_forward(tiny):
   assert rel_err(cached, full) <= 1e-5
 
 
+def test_right_padded_causal_equals_masked(tiny):
+  """Training's right-padded forward (causal attention, no mask tensor) equals the masked forward at every real
+  position, and differs at the padding (so the flag really changes the attention)."""
+  model = llama.LlamaForCausalLM(tiny.config.text_config)
+  ids = jnp.asarray(np.random.default_rng(2).integers(3, 99, (2, 8)))
+  mask = jnp.asarray([[1] * 8, [1] * 5 + [0] * 3])
+  run = jax.jit(lambda p, rp: model.apply({"params": p}, ids, attention_mask=mask, right_padded=rp)[0],
+                static_argnums=1)
+  masked, causal = run(tiny.params["language_model"], False), run(tiny.params["language_model"], True)
+  real = np.asarray(mask, bool)
+  assert rel_err(np.asarray(causal)[real], np.asarray(masked)[real]) <= 1e-6
+  assert rel_err(np.asarray(causal)[~real], np.asarray(masked)[~real]) > 1e-3
+  with pytest.raises(ValueError, match="right_padded"):
+    model.apply({"params": tiny.params["language_model"]}, ids, cache=llama.init_cache(tiny.config.text_config, 2, 9),
+                right_padded=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Files.
 

@@ -109,3 +109,9 @@ def test_painter_reuses_compiled_sampler_and_reports_progress(inputs, tiny_model
   assert fn._cache_size() == 1
   assert not np.allclose(first.image, second.image)
   assert [m.color for m in second.masks] == ["red", "blue"] and second.prompts == ["a sky", "a boat"]
+
+
+def test_missing_llava_adapter_is_named(inputs, tiny_models, tmp_path):
+  c = config_for(inputs, tiny_models, prompts="", llava_adapter=str(tmp_path / "no_adapter"))
+  with pytest.raises(FileNotFoundError, match="config.llava_adapter.*no_adapter"):
+    paint.run(c, str(tmp_path), parallel.make_mesh(c))

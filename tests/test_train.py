@@ -1,5 +1,6 @@
 """The LoRA fine-tuning job (tasks/inpaint_train) on a tiny random pipeline and the demo dataset: optimizer
-numerics against torch, 1 vs 8 devices, kill -9 and resume, the NaN stop, two processes vs one.
+numerics against torch, 1 device vs 8 (FSDP-sharded weights, ArrayRecord input), kill -9 and resume, the NaN
+stop, two processes vs one, bad data/sharding settings.
 
 The end-to-end runs share one persistent compilation cache, so only the first run of each device layout pays
 XLA's compile (about a minute on a busy 2-core machine).
@@ -112,17 +113,25 @@ def test_optimizer_matches_torch():
 
 
 def test_devices_kill_resume_nan_export(prepared, tmp_path):
-  """One uninterrupted run on 1 device (subprocess) is the reference for: the same run on 8 devices
-  (in-process), a run killed with SIGKILL mid-way and restarted, and a NaN that stops a resumed run."""
+  """One uninterrupted run on 1 device (subprocess, replicated weights, the dataset folder) is the reference for:
+  the same run on 8 devices with FSDP-sharded weights reading the ArrayRecord build of the dataset (in-process),
+  a run killed with SIGKILL mid-way and restarted, and a NaN that stops a resumed run."""
+  from data_prep import tfds_builder
   from idmp_jax import parallel
   from idmp_jax.tasks import inpaint_train
   ref_dir, k_dir = str(tmp_path / "ref"), str(tmp_path / "killed")
   reference = launch(prepared, ref_dir)
 
-  # 8 devices, in this process, while the reference compiles.
-  config = load_config(model_dir=prepared["model_dir"], data_dir=prepared["data_dir"])
+  # 8 devices, in this process, while the reference compiles: batch and weights over fsdp=8 (the "fsdp" preset,
+  # every kernel here: the tiny model's are all under the default fsdp_min_size), examples from the ArrayRecord
+  # build (data_dir is not read). The data axis over several devices is test_two_processes_equal_one's.
+  build = tfds_builder.build_tfds(prepared["data_dir"], str(tmp_path / "tfds"), progress=False)["build_dir"]
+  config = load_config(model_dir=prepared["model_dir"], data_dir=str(tmp_path / "not_read"),
+                       data_format="array_record", array_record_dir=build, sharding_rules="fsdp", fsdp_min_size=0)
+  config.mesh.data, config.mesh.fsdp = 1, 8
   summary = inpaint_train.run(config, str(tmp_path / "eight"), parallel.make_mesh(config))
   assert summary["step"] == EPOCHS * STEPS_PER_EPOCH and len(summary["val_losses"]) == EPOCHS
+  assert summary["frozen_arrays_sharded"] > summary["frozen_arrays"] // 4  # kernels split; norms, biases not
   assert reference.wait(timeout=400) == 0, output(ref_dir)[-3000:]
   ref_train, ref_val = losses(ref_dir)
   assert sorted(ref_train) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1)) and sorted(ref_val) == [2, 4, 6]
@@ -211,3 +220,35 @@ def test_two_processes_equal_one(prepared, tmp_path):
   assert sorted(a) == sorted(b) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
   np.testing.assert_allclose([b[s] for s in sorted(a)], [a[s] for s in sorted(a)], rtol=2e-5)
   np.testing.assert_allclose([b_val[s] for s in sorted(a_val)], [a_val[s] for s in sorted(a_val)], rtol=2e-5)
+
+
+def test_bad_data_and_sharding_settings_fail_before_compute(prepared, tmp_path):
+  """Each names its config field (and the folder) before any model is loaded or compiled."""
+  from idmp_jax import parallel
+  from idmp_jax.tasks import inpaint_sample, inpaint_train
+  not_a_build = tmp_path / "not_a_build"
+  not_a_build.mkdir()
+  cases = [(dict(data_format="tfrecord"), ValueError, "config.data_format = 'tfrecord'"),
+           (dict(data_format="array_record", array_record_dir=str(tmp_path / "missing")), FileNotFoundError,
+            "config.array_record_dir = '.*missing'"),
+           (dict(data_format="array_record", array_record_dir=str(not_a_build)), FileNotFoundError,
+            "config.array_record_dir: .*not_a_build: no finished build-tfds output"),
+           (dict(data_dir=str(tmp_path / "no_data")), FileNotFoundError, "config.data_dir = '.*no_data'")]
+  mesh = parallel.make_mesh(load_config())
+  for overrides, error, message in cases:
+    with pytest.MonkeyPatch.context() as mp:  # "before compute": no model folder is opened
+      for task in (inpaint_train, inpaint_sample):
+        mp.setattr(task, "unet" if task is inpaint_train else "sampling", None)
+      fields = {"model_dir": prepared["model_dir"], "data_dir": prepared["data_dir"], **overrides}
+      with pytest.raises(error, match=message):
+        inpaint_train.run(load_config(**fields), str(tmp_path / "train"), mesh)
+      sample = inpaint_sample.default_config()
+      for k, v in fields.items():
+        setattr(sample, k, v)
+      with pytest.raises(error, match=message):
+        inpaint_sample.run(sample, str(tmp_path / "sample"), mesh)
+  for rules, message in (("fsdb", "config.sharding_rules = 'fsdb': not a preset"),
+                         ((("kernel$", "shard"),), "tactic in")):
+    with pytest.raises(ValueError, match=message):
+      inpaint_train.run(load_config(model_dir=prepared["model_dir"], data_dir=prepared["data_dir"],
+                                    sharding_rules=rules), str(tmp_path / "rules"), mesh)

@@ -2,6 +2,8 @@
 
 Example code needs only NumPy and PIL (no Flax, no torch), so Grain worker processes start fast.
 """
+from idmp_jax.data.arrayrecord import (ArrayRecordInpaintingSource, data_source_path,
+                                      make_inpainting_source)
 from idmp_jax.data.files import BadExampleError, Layout, list_split, validate_dataset, validate_example
 from idmp_jax.data.inpainting import (InpaintingConfig, InpaintingSource, example_rng, load_selection_manifest,
                                       make_inpainting_example, pack_prompts, selection_of)

@@ -13,6 +13,9 @@ image and masks decode to the same pixels (same PIL calls on the same bytes), so
 give identical examples and `make_loader` / `epoch_loader` identical batches. Records the build left out (bad
 input) are absent here, so indices match the folder source only when the build left nothing out.
 
+`make_inpainting_source(config, split, ...)` is the tasks' config choice (`config.data_format` "folder" |
+"array_record", with `config.array_record_dir`), shared by inpaint_train and inpaint_sample.
+
 Shards open lazily: the source is built from the shard lengths in dataset_info.json (`file[start:end]`
 instructions), so a process opens only the shard files its records are in.
 """
@@ -232,3 +235,37 @@ def inpainting_source(path, split: str, tokenizer, config: InpaintingConfig = In
   if data_format == "array_record":
     return ArrayRecordInpaintingSource(path, split, tokenizer, config, **kwargs)
   raise ValueError(f"data_format must be 'folder', 'array_record' or 'auto', got {data_format!r}")
+
+
+DATA_FORMATS = ("folder", "array_record")
+
+
+def data_source_path(config, data_dir=None) -> tuple[str, str]:
+  """(data_format, folder) the inpainting tasks read, from `config.data_format` ("folder", the default: `data_dir`,
+  a data_prep `mm_inp_dataset/`; "array_record": `config.array_record_dir`, a build-tfds output or one of its
+  version folders). Checked before any compute: each error names the config field and the folder."""
+  data_format = config.get("data_format", "folder")
+  if data_format == "folder":
+    if not data_dir or not os.path.isdir(data_dir):
+      raise FileNotFoundError(f"config.data_dir = {data_dir!r}: dataset folder not found")
+    return data_format, os.fspath(data_dir)
+  if data_format == "array_record":
+    path = config.get("array_record_dir", "")
+    if not path or not os.path.isdir(path):
+      raise FileNotFoundError(f"config.array_record_dir = {path!r}: folder not found (config.data_format = "
+                              "'array_record' reads the output of `python -m data_prep build-tfds`)")
+    try:
+      return data_format, find_build(path)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"config.array_record_dir: {e}") from None
+  raise ValueError(f"config.data_format = {data_format!r}: expected one of {DATA_FORMATS}")
+
+
+def make_inpainting_source(config, split: str, tokenizer, data_config: InpaintingConfig, *, data_dir=None,
+                           **kwargs):
+  """The inpainting source of a task config: the one place where `inpaint_train` and `inpaint_sample` choose
+  between the folder and the ArrayRecord build (`data_source_path`). Both give the same examples for the same
+  seed; keyword arguments (seed, prompts_dir, selection) are InpaintingSource's."""
+  data_format, path = data_source_path(config, data_dir)
+  cls = InpaintingSource if data_format == "folder" else ArrayRecordInpaintingSource
+  return cls(path, split, tokenizer, data_config, **kwargs)

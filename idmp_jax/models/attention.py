@@ -48,6 +48,11 @@ def dot_product_attention(q, k, v, *, mask=None, scale: Optional[float] = None, 
   impl = resolve_implementation(implementation, q.dtype, q.shape[-1])
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   if impl == "cudnn":
+    t = q.shape[1]
+    if mask is not None and (t % 2 or k.shape[1] % 2):
+      q, k, v, mask = pad_to_even_lengths(q, k, v, mask)
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=is_causal,
+                                          implementation="cudnn")[:, :t]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=is_causal,
                                         implementation="cudnn")
   logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
@@ -59,6 +64,19 @@ def dot_product_attention(q, k, v, *, mask=None, scale: Optional[float] = None, 
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+def pad_to_even_lengths(q, k, v, mask):
+  """Odd query/key lengths padded by one, for cuDNN's training kernel, which takes a mask (it becomes a bias) only
+  with even lengths (77 text tokens in cross-attention). Added keys are masked out; an added query row sees every
+  key (so no row is empty) and its output is dropped by the caller. Returns (q, k, v, mask (B|1, N|1, T', S'))."""
+  t, s = q.shape[1], k.shape[1]
+  pad = lambda a, n: jnp.pad(a, ((0, 0), (0, n), (0, 0), (0, 0)))
+  mask = jnp.broadcast_to(mask, mask.shape[:-2] + (t, s))
+  lead = [(0, 0)] * (mask.ndim - 2)
+  mask = jnp.pad(mask, lead + [(0, 0), (0, s % 2)], constant_values=False)
+  mask = jnp.pad(mask, lead + [(0, t % 2), (0, 0)], constant_values=True)
+  return pad(q, t % 2), pad(k, s % 2), pad(v, s % 2), mask
 
 
 def rca_mask(region_masks, token_region, height: int, width: int):

@@ -171,6 +171,7 @@ class LlamaAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, kv_cache=None, index=None, row0=None):
+    """mask: (B, 1, T, S) boolean, or None for plain causal attention (no mask tensor at all)."""
     c = self.config
     b, t, _ = x.shape
     dense = lambda n, name: Linear(n * c.head_dim, use_bias=c.attention_bias, dtype=self.dtype, name=name)
@@ -196,7 +197,7 @@ class LlamaAttention(nn.Module):
     # One query (a decode step) is a memory-bound matrix-vector product: XLA's einsum path does it well and
     # avoids fused-kernel restrictions on tiny query lengths.
     impl = "xla" if t == 1 else self.implementation
-    out = dot_product_attention(q, k, v, mask=mask, implementation=impl).astype(self.dtype)
+    out = dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation=impl).astype(self.dtype)
     out = Linear(c.hidden_size, use_bias=c.attention_bias, dtype=self.dtype, name="o_proj")(
         out.reshape(b, t, c.num_attention_heads * c.head_dim))
     return out, new_cache
@@ -282,11 +283,17 @@ class LlamaModel(nn.Module):
                    for i in range(c.num_hidden_layers)]
     self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
 
-  def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None):
+  def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
+               right_padded: bool = False):
     """Returns (last hidden states (B, T, hidden), updated cache or None).
 
     attention_mask (B, T): 1 for real tokens, 0 for padding (default all 1). Without a cache the positions
     default to 0..T-1 (the reference's forward); with a cache they continue each row from `next_pos`.
+    right_padded (no cache only): the caller promises every row's padding is at its end (training batches).
+    Attention is then plain causal with no mask tensor: padding keys come after every real query, so causality
+    already hides them, and only the padding queries' own outputs differ (a loss must mask them, as it does).
+    This runs cuDNN's causal kernel instead of one reading a (T, T) mask, which is faster and avoids the
+    NaN gradients that cuDNN's backward has given with explicit masks.
     A cache may hold more rows than the input (a prefill in row chunks, to bound activation memory): the
     optional cache entry `row0` says which rows the input's B rows are; `index` is then left unchanged.
     """
@@ -304,7 +311,9 @@ class LlamaModel(nn.Module):
       if positions is None:
         positions = next_pos[:, None] + jnp.cumsum(am, axis=1, dtype=jnp.int32) - 1
         positions = jnp.where(am, positions, 0)
-    mask = _attention_mask(key_valid, index + jnp.arange(t))
+    if right_padded and cache is not None:
+      raise ValueError("right_padded applies to a forward without a KV cache")
+    mask = None if right_padded else _attention_mask(key_valid, index + jnp.arange(t))
     cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
@@ -343,11 +352,12 @@ class LlamaForCausalLM(nn.Module):
     return self.lm_head(hidden)
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
-               last_only: bool = False):
+               last_only: bool = False, right_padded: bool = False):
     """(logits, cache). `last_only`: logits of the last position only, (B, 1, vocab) (prefill: left padding
-    puts every row's last real token there; the full (B, T, vocab) would be large)."""
+    puts every row's last real token there; the full (B, T, vocab) would be large). `right_padded`: see
+    `LlamaModel`."""
     h, cache = self.model(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                          positions=positions, cache=cache)
+                          positions=positions, cache=cache, right_padded=right_padded)
     if last_only:
       h = h[:, -1:]
     return self.logits(h), cache

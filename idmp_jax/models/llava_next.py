@@ -264,11 +264,29 @@ class LlavaNextForConditionalGeneration(nn.Module):
     k = jnp.clip(k, 0, feats.shape[0] - 1)
     return jnp.where(is_image[..., None], jnp.take(feats, k, axis=0), x)
 
+  def embed_rows(self, input_ids, pixel_values, row_feature_index):
+    """`embed` with each row's image kept to its row (training: a batch sharded by rows gathers nothing across
+    devices). pixel_values (B, V, 3, S, S): row b's views, zero views after its own; row_feature_index (B, T):
+    for each `<image>` token its row in [the row's V * p * p view features, image_newline] (other entries are
+    not read). `row_feature_index` is what `image_feature_index([size], config)` gives for one image, with its
+    newline entry moved to V * p * p."""
+    x = self.language_model.embed(input_ids)
+    b, v = pixel_values.shape[:2]
+    _, _, states = self.vision_tower(pixel_values.reshape((b * v,) + pixel_values.shape[2:]).astype(self.dtype))
+    f = jnp.concatenate([states[i] for i in self.config.vision_feature_layer], axis=-1)
+    f = self.multi_modal_projector(f[:, 1:])  # (B * V, p * p, D), "default" strategy: drop CLS.
+    f = f.reshape(b, -1, f.shape[-1])
+    newline = jnp.broadcast_to(self.image_newline.astype(f.dtype), (b, 1, f.shape[-1]))
+    rows = jnp.concatenate([f, newline], axis=1)
+    feats = jnp.take_along_axis(rows, jnp.clip(row_feature_index, 0, rows.shape[1] - 1)[..., None], axis=1)
+    is_image = input_ids == self.config.image_token_index
+    return jnp.where(is_image[..., None], feats.astype(x.dtype), x)
+
   def __call__(self, input_ids, pixel_values=None, feature_index=None, *, attention_mask=None, positions=None,
-               cache=None, last_only: bool = False):
+               cache=None, last_only: bool = False, right_padded: bool = False):
     x = self.embed(input_ids, pixel_values, feature_index)
     return self.language_model(inputs_embeds=x, attention_mask=attention_mask, positions=positions,
-                               cache=cache, last_only=last_only)
+                               cache=cache, last_only=last_only, right_padded=right_padded)
 
   # The generation interface (idmp_jax.models.generation), shared with LlamaForCausalLM.
   def prefill(self, inputs_embeds, attention_mask, cache):
@@ -365,3 +383,35 @@ def save_pretrained(folder: str, config: LlavaNextConfig, params, *, dtype=None,
       weights = name.endswith(".safetensors") or name.endswith(".safetensors.index.json") or name.endswith(".bin")
       if os.path.isfile(src) and not weights and name not in _AUX_FILES_SKIPPED:
         shutil.copyfile(src, os.path.join(folder, name))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA adapters of the language model, in peft's folder format.
+
+# Every Linear of the language model except lm_head: what the original's fine-tuning targets (its
+# `find_all_linear_names`: nn.Linear modules under `language_model`, lm_head skipped).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_target_regex(targets: Sequence[str] = LORA_TARGETS) -> str:
+  """peft's `target_modules` as a regex (full match on module names) selecting the language model's `targets`
+  under transformers 4.x names (language_model.model.layers...) and 5.x names (model.language_model.layers...),
+  and nothing in the vision tower (whose attention has q/k/v_proj too)."""
+  return r".*language_model\..*\.(" + "|".join(re.escape(t) for t in targets) + ")"
+
+
+def save_peft_adapter(folder: str, params, targets: Sequence[str] = LORA_TARGETS,
+                      base_model_name_or_path: str = "") -> str:
+  """The tree's LoRA leaves as a peft folder for LlavaNextForConditionalGeneration: keys under the hub / 4.x
+  module names (`base_model.model.language_model.model.layers.N...`, what the original's transformers 4.44
+  wrote), which peft on transformers 5 maps to its new module paths itself."""
+  from idmp_jax.models import lora
+  return lora.save_peft_adapter(folder, params, LIST_NAMES, target_modules=lora_target_regex(targets),
+                                base_model_name_or_path=base_model_name_or_path)
+
+
+def load_peft_adapter(folder: str, params, dropout: float | None = None) -> dict:
+  """A peft folder (written by peft under transformers 4.x or 5.x names, or by `save_peft_adapter`) attached to
+  a LLaVA-NeXT param tree; `lora.merge_lora` folds it into the kernels for inference."""
+  from idmp_jax.models import lora
+  return lora.load_peft_adapter(folder, params, LIST_NAMES, rename=to_hub_key, dropout=dropout)

@@ -16,7 +16,9 @@ takes a `deterministic` flag for LoRA's sake.
 Also: `trainable_mask`, `split`/`merge` (gemma's `split_params`/`merge_params` contract: two disjoint nested
 dicts that merge back into the original tree), `merge_lora` (fold into the kernels) / `unmerge_lora`, and the
 diffusers/peft file format (`save_diffusers_lora` writes `pytorch_lora_weights.safetensors` as the original's
-training script does; `load_diffusers_lora` reads it back, or peft's own key spelling).
+training script does; `load_diffusers_lora` reads it back, or peft's own key spelling), and peft adapter folders
+(`save_peft_adapter` / `load_peft_adapter`: adapter_config.json + adapter_model.safetensors, what the original's
+LLaVA-NeXT fine-tuning saves with `PeftModel.save_pretrained`).
 """
 from __future__ import annotations
 
@@ -174,6 +176,8 @@ def merge_lora(params) -> dict:
   flat = _flat(base)
   for path, leaves in _modules(adapters).items():
     kernel = flat[path + ("kernel",)]
+    if jnp.issubdtype(kernel.dtype, jnp.integer):
+      raise ValueError(f"merge_lora: {'/'.join(path)} has a quantised kernel; merge into the float base instead")
     flat[path + ("kernel",)] = (kernel.astype(jnp.float32) + _delta(
         leaves["lora_a"], leaves["lora_b"], leaves["lora_scale"])).astype(kernel.dtype)
   return traverse_util.unflatten_dict(flat)
@@ -265,16 +269,26 @@ def load_diffusers_lora(path: str, params, list_names: Iterable[str], *, prefix:
     meta = (f.metadata() or {}).get(METADATA_KEY)
   meta = {k.split(".", 1)[1] if prefix and k.startswith(prefix + ".") else k: v
           for k, v in (json.loads(meta) if meta else {}).items()}
+  rename = lambda key: key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
+  return _attach(state, params, list_names, rename, lambda rank: meta.get("lora_alpha", alpha if alpha is not None
+                                                                          else rank), dropout, path)
+
+
+def _attach(state: dict, params, list_names: Iterable[str], rename: Callable[[str], str],
+            alpha_for: Callable[[int], float], dropout: float, source: str) -> dict:
+  """`params` (no LoRA leaves) with the adapters of a state dict (lora.down/up or lora_A/B keys) attached as
+  `init_lora` lays them out. `rename` maps a tensor key (less its LoRA suffix) to the module's PyTorch name in
+  the tree's own layout; `alpha_for(rank)` gives alpha. Every adapter must land on a Linear of the tree, with
+  shapes that fit; problems are listed with `source`."""
   flat = _flat(params)
   by_key = {_module_key(p[:-1], list_names): p[:-1] for p in flat if p[-1] == "kernel" and np.ndim(flat[p]) == 2}
   out, problems = dict(flat), []
   names = {}
   for key, value in state.items():
-    name = key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
     for tag, leaf in ((".lora.down.weight", "lora_a"), (".lora.up.weight", "lora_b"),
                       (".lora_A.weight", "lora_a"), (".lora_B.weight", "lora_b")):
-      if name.endswith(tag):
-        names.setdefault(name[:-len(tag)], {})[leaf] = np.asarray(value, np.float32).T
+      if key.endswith(tag):
+        names.setdefault(rename(key[:-len(tag)]), {})[leaf] = np.asarray(value, np.float32).T
         break
     else:
       problems.append(f"tensor {key!r} is not a LoRA weight")
@@ -292,10 +306,92 @@ def load_diffusers_lora(path: str, params, list_names: Iterable[str], *, prefix:
       problems.append(f"{module}: LoRA shapes {leaves['lora_a'].shape}/{leaves['lora_b'].shape} do not fit the "
                       f"kernel ({fan_in}, {fan_out})")
       continue
-    a = meta.get("lora_alpha", alpha if alpha is not None else rank)
     out[mpath + ("lora_a",)], out[mpath + ("lora_b",)] = leaves["lora_a"], leaves["lora_b"]
-    out[mpath + ("lora_scale",)] = np.asarray(a / rank, np.float32)
+    out[mpath + ("lora_scale",)] = np.asarray(alpha_for(rank) / rank, np.float32)
     out[mpath + ("lora_dropout",)] = np.asarray(dropout, np.float32)
+  if not names and not problems:
+    problems.append("no LoRA weights in the file")
   if problems:
-    raise torch_format.CheckpointError(f"{path}: " + "; ".join(problems[:10]))
+    raise torch_format.CheckpointError(f"{source}: " + "; ".join(problems[:10]))
   return traverse_util.unflatten_dict(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# peft adapter folders (adapter_config.json + adapter_model.safetensors), as `PeftModel.save_pretrained` writes
+# them and `PeftModel.from_pretrained` reads them.
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # peft's LoraModel wraps the model: its keys start here.
+
+
+def save_peft_adapter(folder: str, params, list_names: Iterable[str], *, target_modules: str | Sequence[str],
+                      base_model_name_or_path: str = "", init: str = "gaussian") -> str:
+  """Writes a peft LoRA folder from a tree holding LoRA leaves (any others are ignored): weights fp32 under
+  `base_model.model.<module>.lora_A.weight` (r, in) / `.lora_B.weight` (out, r), <module> the tree's PyTorch
+  module name; adapter_config.json with r, lora_alpha, lora_dropout and `target_modules` (a list of module name
+  suffixes, or a regex string that peft matches against full module names). Returns the folder."""
+  modules = _modules(split(jax.device_get(params), is_lora)[0])
+  if not modules:
+    raise ValueError("no LoRA leaves in the param tree")
+  state, ranks, alphas, dropouts = {}, set(), set(), set()
+  for path, leaves in modules.items():
+    name = PEFT_PREFIX + _module_key(path, list_names)
+    a, b = np.asarray(leaves["lora_a"], np.float32), np.asarray(leaves["lora_b"], np.float32)
+    state[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
+    state[f"{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
+    ranks.add(a.shape[1])
+    alphas.add(float(np.asarray(leaves["lora_scale"])) * a.shape[1])
+    dropouts.add(float(np.asarray(leaves["lora_dropout"])))
+  if len(ranks) != 1 or len(alphas) != 1 or len(dropouts) != 1:
+    raise ValueError(f"one rank, alpha and dropout for all layers expected, got ranks {ranks}, alphas {alphas}, "
+                     f"dropouts {dropouts}")
+  alpha = alphas.pop()
+  config = {
+      "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path or None,
+      "r": ranks.pop(), "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+      "lora_dropout": dropouts.pop(),
+      "target_modules": target_modules if isinstance(target_modules, str) else sorted(target_modules),
+      "init_lora_weights": init, "bias": "none", "use_dora": False, "use_rslora": False, "fan_in_fan_out": False,
+      "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+      "layers_pattern": None, "inference_mode": True, "revision": None,
+  }
+  os.makedirs(folder, exist_ok=True)
+  torch_format.save_state_dict(state, os.path.join(folder, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+  torch_format.write_json(config, os.path.join(folder, PEFT_CONFIG_NAME))
+  return folder
+
+
+def load_peft_adapter(folder: str, params, list_names: Iterable[str], *,
+                      rename: Callable[[str], str] = lambda key: key, dropout: float | None = None) -> dict:
+  """A peft LoRA folder attached to `params` (a base tree without LoRA leaves), as `init_lora` lays it out.
+  `rename` maps peft's module names (less `base_model.model.`) to the tree's layout (e.g. LLaVA-NeXT's
+  transformers 4.x / 5.x module paths to the hub's). Options that change the adapter's arithmetic beyond
+  scale * B A (DoRA, rsLoRA, per-layer rank/alpha patterns, bias, modules_to_save) are refused by name.
+  dropout: the config's lora_dropout unless given (it only acts when a dropout rng is passed)."""
+  config_path, weights_path = os.path.join(folder, PEFT_CONFIG_NAME), os.path.join(folder, PEFT_WEIGHTS_NAME)
+  for path in (config_path, weights_path):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: missing from the peft adapter folder")
+  config = torch_format.read_json(config_path)
+  problems = []
+  if config.get("peft_type", "LORA") != "LORA":
+    problems.append(f"peft_type {config.get('peft_type')!r} is not 'LORA'")
+  for key in ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save",
+              "layers_to_transform", "trainable_token_indices"):
+    if config.get(key):
+      problems.append(f"{key} = {config[key]!r} is not supported")
+  if config.get("bias", "none") != "none" or config.get("lora_bias"):
+    problems.append(f"bias = {config.get('bias')!r} / lora_bias = {config.get('lora_bias')!r}: only 'none'/false")
+  if not isinstance(config.get("r"), int) or "lora_alpha" not in config:
+    problems.append("needs integer 'r' and 'lora_alpha'")
+  if problems:
+    raise torch_format.CheckpointError(f"{config_path}: " + "; ".join(problems))
+  state = torch_format.load_state_dict([weights_path])
+  alpha = float(config["lora_alpha"])
+
+  def module_name(key):
+    return rename(key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key)
+
+  rate = float(config.get("lora_dropout", 0.0)) if dropout is None else dropout
+  return _attach(state, params, list_names, module_name, lambda rank: alpha, rate, weights_path)

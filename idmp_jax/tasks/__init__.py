@@ -11,6 +11,7 @@ TASKS = {
     "paint_app": "idmp_jax.tasks.paint_app",
     "inpaint_train": "idmp_jax.tasks.inpaint_train",
     "promptgen_generate": "idmp_jax.tasks.promptgen_generate",
+    "promptgen_train": "idmp_jax.tasks.promptgen_train",
 }
 
 

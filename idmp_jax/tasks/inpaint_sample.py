@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from idmp_jax import parallel, sampling
 from idmp_jax.data import files
+from idmp_jax.data.arrayrecord import data_source_path, make_inpainting_source
 from idmp_jax.data.inpainting import InpaintingConfig, InpaintingSource
 from idmp_jax.data.tokenizer import load_clip_tokenizer
 
@@ -45,6 +46,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.lora = ""                     # LoRA (pytorch_lora_weights.safetensors or its folder) for fine-tuned variants.
   c.lora_scale = 1.0
   c.data_dir = ""                 # mm_inp_dataset root; "demo": build the demo dataset in workdir.
+  c.data_format = "folder"        # "folder": data_dir | "array_record": array_record_dir (same examples).
+  c.array_record_dir = ""         # `python -m data_prep build-tfds --out=DIR`: DIR or its version folder.
   c.split = "test"
   c.max_images = 0                # 0: the whole split.
   c.rca = True
@@ -69,12 +72,11 @@ def _prepare_inputs(config, workdir):
     from idmp_jax import tiny
     model_dir = tiny.make_tiny_pipeline(os.path.join(workdir, "tiny_pipeline"), seed=config.seed)
   data_dir = config.data_dir
-  if data_dir == "demo":
+  if data_dir == "demo" and config.get("data_format", "folder") == "folder":
     from data_prep.demo import make_demo_dataset
     root = os.path.join(workdir, "demo_data", "mm_inp_dataset")
     data_dir = root if os.path.isdir(root) else make_demo_dataset(os.path.join(workdir, "demo_data"))
-  if not data_dir or not os.path.isdir(data_dir):
-    raise FileNotFoundError(f"config.data_dir = {data_dir!r}: dataset folder not found")
+  data_source_path(config, data_dir)  # A bad data_format, data_dir or array_record_dir, named before compute.
   if config.lora and not os.path.exists(config.lora):
     raise FileNotFoundError(f"config.lora = {config.lora!r}: LoRA checkpoint not found")
   if config.fixed_prompt and (config.rca or config.prompts_dir):
@@ -82,12 +84,15 @@ def _prepare_inputs(config, workdir):
   return model_dir, data_dir
 
 
-def _check_examples(source: InpaintingSource, stems, prompts_dir: str):
-  """Every problem with the inputs of these stems, before any compute."""
+def _check_examples(source, stems, prompts_dir: str):
+  """Every problem with the inputs of these stems, before any compute. The files of a folder source are checked
+  here; an ArrayRecord build holds only records that decoded when it was built (it reports and leaves out the
+  others), so only the generated prompts are left to check."""
   problems = []
   for stem in stems:
-    problems += [str(p) for p in files.validate_example(source.layout, source.split, stem, ("caption",),
-                                                        check_entities=False)]
+    if isinstance(source, InpaintingSource):
+      problems += [str(p) for p in files.validate_example(source.layout, source.split, stem, ("caption",),
+                                                          check_entities=False)]
     if prompts_dir:
       path = os.path.join(prompts_dir, f"{stem}.json")
       try:
@@ -115,12 +120,12 @@ def run(config, workdir: str, mesh) -> dict:
   data_config = InpaintingConfig(resolution=config.resolution, max_concepts=config.max_concepts,
                                  masked_area_threshold=config.masked_area_threshold, shuffle_concepts=True,
                                  drop_caption_probability=0.0, rca=config.rca, extras=True)
-  source = InpaintingSource(data_dir, config.split, tokenizer, data_config, seed=config.seed,
-                            prompts_dir=config.prompts_dir or None, selection=config.selection or None)
+  source = make_inpainting_source(config, config.split, tokenizer, data_config, data_dir=data_dir, seed=config.seed,
+                                  prompts_dir=config.prompts_dir or None, selection=config.selection or None)
   index_of = {s: i for i, s in enumerate(source.stems)}
   stems = source.stems[:config.max_images] if config.max_images else list(source.stems)
   if not stems:
-    raise ValueError(f"{data_dir}: split {config.split!r} has no annotated images")
+    raise ValueError(f"{getattr(source, 'build_dir', data_dir)}: split {config.split!r} has no annotated images")
   out_dir = os.path.join(workdir, "images")
   todo = [s for s in stems if not os.path.exists(os.path.join(out_dir, f"{s}.png"))]
   _check_examples(source, todo, config.prompts_dir)
@@ -183,7 +188,8 @@ def run(config, workdir: str, mesh) -> dict:
       json.dump(manifest, f, indent=1, sort_keys=True)
     os.replace(tmp, manifest_path)  # After the PNGs: the manifest never names an image that is not there.
   pool.shutdown()
-  summary = dict(images=len(stems), painted=len(todo), out_dir=out_dir, model_dir=model_dir, data_dir=data_dir)
+  summary = dict(images=len(stems), painted=len(todo), out_dir=out_dir, model_dir=model_dir,
+                 data_dir=getattr(source, "build_dir", data_dir))  # the folder read: the dataset or the build
   if pid == 0:
     print(f"{config.name}: {len(todo)} painted, {len(stems) - len(todo)} already there -> {out_dir} "
           f"(manifest: {manifest_path})")

@@ -22,7 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from idmp_jax import parallel, schedulers
-from idmp_jax.data import InpaintingConfig, InpaintingSource, load_clip_tokenizer
+from idmp_jax.data import InpaintingConfig, data_source_path, load_clip_tokenizer, make_inpainting_source
 from idmp_jax.models import clip, lora, unet, vae
 from idmp_jax.train import checkpoint, diffusion, input as train_input, loop, metrics, optimizer as optim
 
@@ -33,24 +33,27 @@ RCA_KEYS = ("token_region", "region_masks")
 def _inputs(config, workdir: str) -> tuple[str, str]:
   """model_dir and data_dir, as inpaint_sample reads them: model_dir "tiny" is idmp_jax.tiny's random pipeline and
   data_dir "demo" the demo dataset, both built under the workdir (by process 0; the workdir is shared, as Orbax
-  needs for multi-host anyway), so a demo run's adapter applies to the sampling demo's pipeline."""
+  needs for multi-host anyway), so a demo run's adapter applies to the sampling demo's pipeline. With
+  config.data_format = "array_record" the data is config.array_record_dir's build and data_dir is not read."""
+  reads_folder = config.get("data_format", "folder") == "folder"
   model_dir, data_dir = config.model_dir, config.data_dir
+  build_demo = reads_folder and data_dir == "demo"
   if model_dir == "tiny":
     model_dir = os.path.join(workdir, "tiny_pipeline")
-  if data_dir == "demo":
+  if build_demo:
     data_dir = os.path.join(workdir, "demo_data", "mm_inp_dataset")
   if jax.process_index() == 0:
     if config.model_dir == "tiny":
       from idmp_jax import tiny
       tiny.make_tiny_pipeline(model_dir, seed=config.seed)
-    if config.data_dir == "demo" and not os.path.isdir(data_dir):
+    if build_demo and not os.path.isdir(data_dir):
       from data_prep.demo import make_demo_dataset
       make_demo_dataset(os.path.dirname(data_dir), copies=config.get("demo_copies", 1))
-  if config.model_dir == "tiny" or config.data_dir == "demo":
+  if config.model_dir == "tiny" or build_demo:
     multihost_utils.sync_global_devices("inpaint_train demo inputs")
-  for name, path in (("model_dir", model_dir), ("data_dir", data_dir)):
-    if not path or not os.path.isdir(path):
-      raise FileNotFoundError(f"config.{name} = {path!r}: folder not found")
+  if not model_dir or not os.path.isdir(model_dir):
+    raise FileNotFoundError(f"config.model_dir = {model_dir!r}: folder not found")
+  data_source_path(config, data_dir)  # A bad data_format, data_dir or array_record_dir, named before compute.
   return model_dir, data_dir
 
 
@@ -65,14 +68,27 @@ def run(config, workdir: str, mesh):
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   dtype, frozen_dtype = jnp.dtype(config.dtype), jnp.dtype(config.frozen_dtype)
+  parallel.sharding_rules(config.sharding_rules)  # A bad preset name or rule fails before anything is built.
+
+  model_dir, data_dir = _inputs(config, workdir)
+  tokenizer = load_clip_tokenizer(model_dir)
+
+  # ---- Data ----------------------------------------------------------------------------------------------
+  data_config = InpaintingConfig(resolution=config.resolution, max_concepts=config.max_concepts,
+                                 masked_area_threshold=config.masked_area_threshold,
+                                 shuffle_concepts=config.shuffle_concepts,
+                                 drop_caption_probability=config.drop_caption_probability, rca=config.rca)
+  # The folder or the ArrayRecord build (config.data_format): the same examples either way.
+  train_source = make_inpainting_source(config, "train", tokenizer, data_config, data_dir=data_dir, seed=config.seed)
+  val_source = make_inpainting_source(config, "val", tokenizer,
+                                      dataclasses.replace(data_config, drop_caption_probability=0.0),
+                                      data_dir=data_dir, seed=config.seed)
 
   # ---- Models --------------------------------------------------------------------------------------------
-  model_dir, data_dir = _inputs(config, workdir)
   ucfg, unet_params = unet.load_pretrained(os.path.join(model_dir, "unet"))
   vcfg, vae_params = vae.load_vae(os.path.join(model_dir, "vae"))
   tcfg, text_params = clip.load_text_encoder(os.path.join(model_dir, "text_encoder"))
   ddpm = schedulers.from_config(schedulers.load_scheduler_config(model_dir), class_name="DDPMScheduler")
-  tokenizer = load_clip_tokenizer(model_dir)
   prediction_type = config.prediction_type or ddpm.prediction_type
   if prediction_type not in ("epsilon", "v_prediction"):
     raise ValueError(f"config.prediction_type = {config.prediction_type!r}: expected '', 'epsilon' or 'v_prediction'")
@@ -94,14 +110,7 @@ def run(config, workdir: str, mesh):
   adapter_scalars = lora.split(frozen_unet, lambda p: p[-1] in ("lora_scale", "lora_dropout"))[0]
   del frozen_unet, vae_params, text_params
 
-  # ---- Data ----------------------------------------------------------------------------------------------
-  data_config = InpaintingConfig(resolution=config.resolution, max_concepts=config.max_concepts,
-                                 masked_area_threshold=config.masked_area_threshold,
-                                 shuffle_concepts=config.shuffle_concepts,
-                                 drop_caption_probability=config.drop_caption_probability, rca=config.rca)
-  train_source = InpaintingSource(data_dir, "train", tokenizer, data_config, seed=config.seed)
-  val_source = InpaintingSource(data_dir, "val", tokenizer,
-                                dataclasses.replace(data_config, drop_caption_probability=0.0), seed=config.seed)
+  # ---- Input pipeline ------------------------------------------------------------------------------------
   steps_per_epoch = train_input.steps_per_epoch(len(train_source), config.batch_size)
   total_steps = config.num_epochs * steps_per_epoch
   if config.max_steps > 0:
@@ -119,11 +128,19 @@ def run(config, workdir: str, mesh):
   # ---- Shardings and state -------------------------------------------------------------------------------
   tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch)
   replicated = parallel.replicated(mesh)
-  frozen = jax.device_put(frozen, parallel.param_shardings(frozen, mesh, [tuple(r) for r in config.sharding_rules]))
+  frozen = jax.device_put(frozen, frozen_shardings(frozen, mesh, config))
   # Step k's randomness: fold_in(fold_in(root, 1), k); validation batch i's: fold_in(fold_in(root, 2), i).
-  state = jax.jit(lambda p: diffusion.init_state(p, tx, jax.random.fold_in(root_key, 1)),
-                  out_shardings=replicated)(jax.device_put(trainable, replicated))
+  init_state = lambda p: diffusion.init_state(p, tx, jax.random.fold_in(root_key, 1))
+  # The LoRA weights and the optimizer state follow the same rules. The "fsdp" preset leaves them replicated:
+  # lora_a/lora_b are not kernels, and at rank 16 they are ~3M weights (~10M with both AdamW moments) beside
+  # the UNet's 865M, not worth a gather per use.
+  state_shardings = parallel.param_shardings(jax.eval_shape(init_state, trainable), mesh,
+                                             parallel.sharding_rules(config.sharding_rules),
+                                             min_size=config.get("fsdp_min_size", 0))
+  state = jax.jit(init_state, out_shardings=state_shardings)(jax.device_put(trainable, replicated))
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  parallel.log_param_shardings(frozen, "frozen weights")
+  parallel.log_param_shardings(state, "LoRA weights and optimizer state")
   train_step = jax.jit(diffusion.make_train_step(models, tx, schedule), donate_argnums=(0,),
                        out_shardings=(state_sharding, replicated))
   eval_step = jax.jit(diffusion.make_eval_step(models), out_shardings=replicated)
@@ -149,7 +166,7 @@ def run(config, workdir: str, mesh):
   # ---- Helpers -------------------------------------------------------------------------------------------
   writer = metrics.create_writer(workdir, is_main)
   if latest is None:
-    writer.write_hparams({k: str(v) for k, v in _flat_config(config).items()})
+    writer.write_hparams({k: str(v) for k, v in metrics.flat_config(config).items()})
   progress = metrics.Progress(total_steps, step, enabled=is_main and config.progress_bar)
   last_saved = {"step": latest}
   step_metrics = loop.StepMetrics(writer, config.log_every_steps, progress, lambda: last_saved["step"])
@@ -170,7 +187,7 @@ def run(config, workdir: str, mesh):
       s, n = eval_step(state.params, frozen, parallel.shard_batch(train_input.device_fields(batch, batch_keys),
                                                                    mesh), jax.random.fold_in(val_key, i))
       total, count = total + float(s), count + float(n)
-    _close(it)
+    train_input.close(it)
     return total / max(count, 1.0)
 
   # ---- Train ---------------------------------------------------------------------------------------------
@@ -206,7 +223,7 @@ def run(config, workdir: str, mesh):
         meta["stopped_early"] = True
       epoch += 1
       meta["epoch"] = epoch
-      _close(epoch_iter)
+      train_input.close(epoch_iter)
       epoch_iter = iter(loader(train_source, epoch, True))
       save(step, epoch_iter)
       step_metrics.restart_clock()
@@ -216,7 +233,7 @@ def run(config, workdir: str, mesh):
     if last_saved["step"] != step:
       save(step, epoch_iter if epoch_iter is not None else iter(loader(train_source, epoch, True)))
     ckpt.wait()
-    _close(epoch_iter)
+    train_input.close(epoch_iter)
   except loop.NonFiniteLossError as e:
     ckpt.wait()  # The last save (checked finite) completes; nothing after it is written.
     logging.error("%s", e)
@@ -232,33 +249,23 @@ def run(config, workdir: str, mesh):
   writer.flush()
   writer.close()
   ckpt.close()
+  frozen_arrays, frozen_sharded = parallel.count_sharded(frozen)
   summary = {"step": step, "epochs_done": epoch, "val_losses": meta["val_losses"],
-             "stopped_early": meta["stopped_early"], "workdir": workdir}
+             "stopped_early": meta["stopped_early"], "workdir": workdir, "frozen_arrays": frozen_arrays,
+             "frozen_arrays_sharded": frozen_sharded}
   logging.info("inpaint_train done: %s", summary)
   return summary
+
+
+def frozen_shardings(frozen, mesh, config):
+  """Shardings of the frozen weights ({"unet", "vae", "text"}) from config.sharding_rules (a preset name or
+  rules; paths are frozen/unet/..., as the config documents) and config.fsdp_min_size."""
+  shardings = parallel.param_shardings({"frozen": frozen}, mesh, parallel.sharding_rules(config.sharding_rules),
+                                       min_size=config.get("fsdp_min_size", 0))
+  return shardings["frozen"]
 
 
 def _name(source, index) -> str:
   """An example's stem where the source has stems (folder sources), else its index."""
   stems = getattr(source, "stems", None)
   return stems[int(index)] if stems is not None else f"#{int(index)}"
-
-
-def _close(iterator) -> None:
-  """Stops a Grain iterator's worker processes now rather than at interpreter exit."""
-  if iterator is not None and hasattr(iterator, "close"):
-    iterator.close()
-
-
-def _flat_config(config) -> dict:
-  out = {}
-
-  def walk(prefix, node):
-    for k, v in node.items():
-      if hasattr(v, "items"):
-        walk(f"{prefix}{k}.", v)
-      else:
-        out[prefix + k] = v
-
-  walk("", config)
-  return out

@@ -38,6 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.lora = ""
   c.llava_dir = "tiny"        # MultiMask LLaVA-NeXT folder (llava-v1.6-vicuna-7b-hf layout) that writes the prompts;
                               # "tiny" builds a tiny random one (the prompts are random text).
+  c.llava_adapter = ""        # The MultiMask peft adapter (promptgen_train's export/adapter), merged at load.
   c.prompt_max_new_tokens = 128  # The answer stops at </red> (asked last) well before this on a trained model.
   c.image = ""                # The painting to fill in.
   c.masks = ""                # Comma-separated mask PNGs (white = paint here), same size as the image.

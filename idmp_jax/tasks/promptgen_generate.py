@@ -37,8 +37,9 @@ a device compiles once per bucket, not once per batch.
 
 Differences from the original: weights in `dtype` (bf16) instead of 4-bit NF4; the question is not truncated to
 512 tokens (it is ~70). The tokenizer is the folder's tokenizer.json read with `tokenizers` (`LlavaTokenizer`).
-`config.adapter` (the fine-tuned variants' peft LoRA) raises NotImplementedError until LoRA loading for LLaVA-NeXT
-lands (idmp_jax/models/lora.py); a folder with the adapter merged into the weights runs meanwhile.
+`config.adapter` (the fine-tuned variants' LoRA): a peft folder (adapter_config.json + adapter_model.safetensors),
+written by `promptgen_train` or by peft itself under transformers 4.x or 5.x module names; it is merged into the
+kernels once at load (`lora.merge_lora`), so generation runs the plain model.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ from idmp_jax.convert import torch_format
 from idmp_jax.data import files
 from idmp_jax.data import llava_processor as lp
 from idmp_jax.data.llava import COLORS, LlavaConfig, LlavaSource, draw_mask, multimask_question
-from idmp_jax.models import generation
+from idmp_jax.models import generation, lora
 from idmp_jax.models import llava_next as ln
 
 
@@ -267,6 +268,15 @@ def resolve_model_dir(model_dir: str, workdir: str, seed: int = 0, field: str = 
   return model_dir, model_config
 
 
+def check_adapter(adapter: str, field: str = "config.adapter"):
+  """A peft adapter folder with its two files, or FileNotFoundError naming what is missing."""
+  if not os.path.exists(adapter):
+    raise FileNotFoundError(f"{field} = {adapter!r}: LoRA adapter not found")
+  for name in (lora.PEFT_CONFIG_NAME, lora.PEFT_WEIGHTS_NAME):
+    if not os.path.isfile(os.path.join(adapter, name)):
+      raise FileNotFoundError(f"{os.path.join(adapter, name)}: missing from the peft adapter folder ({field})")
+
+
 def _prepare_inputs(config, workdir):
   """Resolves and checks model and data folders (named in every error) before anything is computed."""
   if config.examples not in ("llava", "inpainting"):
@@ -275,12 +285,7 @@ def _prepare_inputs(config, workdir):
   if config.require_adapter and not config.adapter:
     raise ValueError(f"config {config.name!r} is a fine-tuned variant: set config.adapter to its LoRA adapter")
   if config.adapter:
-    if not os.path.exists(config.adapter):
-      raise FileNotFoundError(f"config.adapter = {config.adapter!r}: LoRA adapter not found")
-    raise NotImplementedError(
-        f"config.adapter = {config.adapter!r}: loading a peft LoRA adapter into LLaVA-NeXT needs the LoRA code "
-        "(idmp_jax/models/lora.py), which has not landed yet; merge the adapter into the base weights and pass "
-        "the merged folder as config.model_dir meanwhile")
+    check_adapter(config.adapter)
   data_dir = config.data_dir
   if data_dir == "demo":
     from data_prep.demo import make_demo_dataset
@@ -402,11 +407,16 @@ class MaskPromptWriter:
     self.generator = _WRITER_GENERATORS[key]
 
   @classmethod
-  def load(cls, model_dir: str, *, dtype=jnp.bfloat16, workdir: str = ".", seed: int = 0,
+  def load(cls, model_dir: str, *, adapter: str = "", dtype=jnp.bfloat16, workdir: str = ".", seed: int = 0,
            field: str = "config.llava_dir", **kwargs) -> "MaskPromptWriter":
-    """From a llava-hf folder ("tiny": the tiny random one, built in workdir)."""
+    """From a llava-hf folder ("tiny": the tiny random one, built in workdir) and optionally the MultiMask peft
+    adapter (`promptgen_train`'s export/adapter), merged into the kernels once as `run` does."""
     model_dir, model_config = resolve_model_dir(model_dir, workdir, seed, field=field)
+    if adapter:
+      check_adapter(adapter, field="config.llava_adapter")
     _, params = ln.load_pretrained(model_dir, dtype=jnp.dtype(dtype))  # Cast on the host, then moved once.
+    if adapter:
+      params = jax.device_get(lora.merge_lora(ln.load_peft_adapter(adapter, params)))
     return cls(model_config, jax.device_put(params), LlavaTokenizer(model_dir), lp.ImageProcessorConfig.load(model_dir),
                dtype=dtype, **kwargs)
 
@@ -451,6 +461,8 @@ def run(config, workdir: str, mesh) -> dict:
 
   dtype = jnp.dtype(config.dtype)
   _, params = ln.load_pretrained(model_dir, dtype=dtype)  # Cast on the host: no fp32 copy on any device.
+  if config.adapter:  # Folded into the kernels (W + scale * A B, in fp32, one rounding): no adapter cost per token.
+    params = jax.device_get(lora.merge_lora(ln.load_peft_adapter(config.adapter, params)))
   devices = list(mesh.local_devices)[:config.devices or None]
   model = ln.LlavaNextForConditionalGeneration(model_config, dtype=dtype, attention_impl=config.attention)
   gen_config = generation_config(

@@ -11,9 +11,8 @@ the layout picked at a stride (idmp_jax.train.input.compact).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -21,17 +20,8 @@ import optax
 from idmp_jax import schedulers
 from idmp_jax.models import clip as clip_lib, lora, unet as unet_lib, vae as vae_lib
 from idmp_jax.models.layers import resize_nearest_torch
-
-
-@flax.struct.dataclass
-class TrainState:
-  """What a checkpoint holds besides the data iterator: the step, the trainable LoRA leaves (fp32), the optimizer
-  state and the base RNG key (raw uint32 key data, so Orbax stores it as a plain array). Step k draws its
-  randomness from fold_in(rng, k), so a resumed run repeats an uninterrupted one."""
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  rng: jax.Array
+from idmp_jax.train import state as train_state
+from idmp_jax.train.state import TrainState, init_state  # noqa: F401 (re-exported: the jobs' names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,24 +107,13 @@ def loss_fn(trainable, frozen, batch, key, models: Models, *, train: bool):
 
 
 def make_train_step(models: Models, optimizer: optax.GradientTransformation, schedule: Callable):
-  """(state, frozen, batch) -> (state, metrics). A non-finite loss or gradient leaves params and optimizer state
-  as they were (the loop stops on it; the guard only keeps the in-memory state clean)."""
+  """(state, frozen, batch) -> (state, metrics), the shared step of `idmp_jax.train.state` on this loss."""
 
-  def step(state: TrainState, frozen, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, _), grads = grad_fn(state.params, frozen, batch, key, models, train=True)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-               "examples": jnp.sum(batch["valid"].astype(jnp.float32))}
-    return state.replace(step=state.step + 1, params=keep(params, state.params),
-                         opt_state=keep(opt_state, state.opt_state)), metrics
+  def loss(trainable, frozen, batch, key):
+    value, _ = loss_fn(trainable, frozen, batch, key, models, train=True)
+    return value, {"examples": jnp.sum(batch["valid"].astype(jnp.float32))}
 
-  return step
+  return train_state.make_train_step(loss, optimizer, schedule)
 
 
 def make_eval_step(models: Models):
@@ -147,9 +126,3 @@ def make_eval_step(models: Models):
     return jnp.sum(per_example * valid), jnp.sum(valid)
 
   return step
-
-
-def init_state(params, optimizer, rng) -> TrainState:
-  """Step 0: `params` the trainable tree, `rng` the base key of the step randomness (a typed key)."""
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                    rng=jax.random.key_data(rng))

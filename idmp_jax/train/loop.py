@@ -16,6 +16,10 @@ import jax
 from idmp_jax.train.metrics import Progress
 
 
+# Sizes a step may report (`idmp_jax.train.state`), logged as rates: examples/s, and tokens/s for text models.
+COUNTS = ("examples", "tokens")
+
+
 class NonFiniteLossError(FloatingPointError):
   """A NaN/inf loss or gradient norm: names the step and the batch; no checkpoint was written for it."""
 
@@ -31,7 +35,8 @@ class StepMetrics:
 
   `push(step, metrics, batch_info)` after dispatching a step; `drain()` before a checkpoint or at the end.
   Logged every `log_every` steps: mean loss and grad norm over the interval, lr of the last step, examples/s
-  and seconds per step over the interval's wall time (data loading included).
+  (and tokens/s when the step counts tokens) and seconds per step over the interval's wall time (data loading
+  included).
   """
 
   def __init__(self, writer, log_every: int, progress: Progress, last_checkpoint: Callable[[], Any]):
@@ -61,15 +66,16 @@ class StepMetrics:
       if bad:
         self.pending.clear()
         raise NonFiniteLossError(step, bad, info, self.last_checkpoint())
-      for k in ("loss", "grad_norm", "examples"):
-        self._sums[k] = self._sums.get(k, 0.0) + m.get(k, 0.0)
+      for k in ("loss", "grad_norm") + COUNTS:
+        if k in m:
+          self._sums[k] = self._sums.get(k, 0.0) + m[k]
       self._count += 1
       self.progress.update(1, loss=m["loss"], lr=m["lr"])
       if step % self.log_every == 0:
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         self.writer.write_scalars(step, {
             "loss": self._sums["loss"] / self._count, "grad_norm": self._sums["grad_norm"] / self._count,
-            "lr": m["lr"], "examples_per_sec": self._sums["examples"] / elapsed,
+            "lr": m["lr"], **{f"{k}_per_sec": self._sums[k] / elapsed for k in COUNTS if k in self._sums},
             "step_time_sec": elapsed / self._count})
         self._sums, self._count = {}, 0
         self._t0 = time.perf_counter()

@@ -169,3 +169,18 @@ class Progress:
   def close(self):
     if self._bar is not None:
       self._bar.close()
+
+
+def flat_config(config) -> dict:
+  """{"a.b": value} of a nested ConfigDict (hparams for the writers)."""
+  out = {}
+
+  def walk(prefix, node):
+    for k, v in node.items():
+      if hasattr(v, "items"):
+        walk(f"{prefix}{k}.", v)
+      else:
+        out[prefix + k] = v
+
+  walk("", config)
+  return out

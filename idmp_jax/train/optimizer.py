@@ -38,13 +38,21 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: ClipState(), update)
 
 
-def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(config, steps_per_epoch: int, total_steps: int | None = None,
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW(b1, b2, eps, weight decay) on a constant-with-warm-up schedule after global-norm clipping.
 
-  config: lr, warmup_fraction_of_epoch (warm-up = fraction x ONE epoch's update steps, SPEC §5), adam_b1,
-  adam_b2, adam_eps, weight_decay, grad_clip (<= 0: off).
+  config: lr, the warm-up as warmup_fraction_of_epoch (fraction x ONE epoch's update steps, SPEC §5) or
+  warmup_fraction_of_run (fraction x `total_steps`, SPEC §9), adam_b1, adam_b2, adam_eps, weight_decay,
+  grad_clip (<= 0: off).
   """
-  schedule = constant_with_warmup(config.lr, config.warmup_fraction_of_epoch * steps_per_epoch)
+  if "warmup_fraction_of_run" in config:
+    if total_steps is None:
+      raise ValueError("warmup_fraction_of_run needs the run's total_steps")
+    warmup = config.warmup_fraction_of_run * total_steps
+  else:
+    warmup = config.warmup_fraction_of_epoch * steps_per_epoch
+  schedule = constant_with_warmup(config.lr, warmup)
   chain = []
   if config.grad_clip > 0:
     chain.append(clip_by_global_norm_torch(config.grad_clip))
