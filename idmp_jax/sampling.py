@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import hashlib
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -97,11 +97,15 @@ class SamplerOptions:
   attention_impl: str = "auto"
 
 
-def make_sample_fn(models: Models, options: SamplerOptions):
+def make_sample_fn(models: Models, options: SamplerOptions, on_step: Optional[Callable[[Any], None]] = None):
   """Returns `sample(params, batch, noise, posterior_noise) -> images (B, H, W, 3) in [0, 1]`, to be jitted.
 
   batch: pixel_values (B, H, W, 3) in [-1, 1], mask (B, H, W, 1), input_ids (B, 77), uncond_ids (77,), and for
   RCA token_region (B, 77) and region_masks (B, R, H, W). noise / posterior_noise: (B, H/8, W/8, 4).
+  Optional `guidance_scale` (a scalar) overrides `options.guidance_scale` as a traced value, so a new scale does
+  not recompile (whether CFG runs at all is still fixed by `options.guidance_scale > 1`).
+  `on_step(timestep)` is called on the host after each UNet call (`jax.debug.callback`): progress for an app,
+  without splitting the jitted denoising loop.
   """
   sched = schedulers.from_config(models.scheduler_config, options.num_inference_steps,
                                  class_name=options.scheduler or None)
@@ -114,6 +118,7 @@ def make_sample_fn(models: Models, options: SamplerOptions):
 
   def sample(params, batch, noise, posterior_noise):
     b, h, w, _ = batch["pixel_values"].shape
+    scale = batch.get("guidance_scale")  # None: the Python float (weakly typed, so bf16 stays bf16).
     down = models.vae.downscale
     # Conditioning, as the pipeline prepares it.
     mask = (batch["mask"] >= 0.5).astype(jnp.float32)
@@ -147,7 +152,10 @@ def make_sample_fn(models: Models, options: SamplerOptions):
       out = unet_model.apply({"params": params["unet"]}, x, t, context, **rca)
       if do_cfg:
         uncond_out, cond_out = jnp.split(out, 2)
-        out = uncond_out + guidance * (cond_out - uncond_out)
+        g = guidance if scale is None else jnp.asarray(scale).astype(out.dtype)
+        out = uncond_out + g * (cond_out - uncond_out)
+      if on_step is not None:  # Fed a value of `out` so it fires once the step is computed, not when queued.
+        jax.debug.callback(lambda t, _: on_step(t), t, out.reshape(-1)[0])
       return out
 
     latents = noise.astype(jnp.float32) * sched.init_noise_sigma

@@ -8,6 +8,7 @@ TASKS = {
     "unet_forward": "idmp_jax.tasks.unet_forward",
     "inpaint_sample": "idmp_jax.tasks.inpaint_sample",
     "paint": "idmp_jax.tasks.paint",
+    "paint_app": "idmp_jax.tasks.paint_app",
     "inpaint_train": "idmp_jax.tasks.inpaint_train",
     "promptgen_generate": "idmp_jax.tasks.promptgen_generate",
     "promptgen_train": "idmp_jax.tasks.promptgen_train",

@@ -216,17 +216,28 @@ def gen_colors(num_masks: int) -> list[str]:
   return list(COLORS)[:num_masks][::-1]
 
 
+def to_uint8(pixel_values: np.ndarray) -> np.ndarray:
+  """[-1, 1] -> [0, 1] -> 8 bits by truncation, as the original's `.mul(255).byte()`."""
+  return ((pixel_values * np.float32(0.5) + np.float32(0.5)) * np.float32(255)).astype(np.uint8)
+
+
+def painted_question(image: np.ndarray, masks: Sequence[np.ndarray], colors: Sequence[str]) -> tuple[np.ndarray, str]:
+  """The MultiMask model's input for one image (SPEC §6/§8 at test time): mask i painted solid in colour
+  `colors[i]` onto the uint8 (H, W, 3) image, largest first (smaller masks on top), and the question listing the
+  colours in mask order with red moved to the end (the test-time order, which the stop string </red> relies on).
+  Painting before or after the 8-bit conversion gives the same bytes (0 and 255 are exact)."""
+  for i in sorted(range(len(masks)), key=lambda i: float(masks[i].sum()), reverse=True):  # stable: largest first
+    image = draw_mask(image, masks[i], COLORS[colors[i]], 1.0)
+  asked = sorted(colors, key=lambda c: c == "red")  # stable: red last
+  return image, multimask_question(asked)
+
+
 def inpainting_example(example: dict) -> dict:
   """The -Gen question and painted image from an InpaintingSource example (extras on)."""
   k = len(example["mask_names"])
-  colors = gen_colors(k)
-  # [-1, 1] -> [0, 1] -> 8 bits by truncation, as the original's `.mul(255).byte()`; painting solid colours before
-  # or after the conversion gives the same bytes (0 and 255 are exact).
-  image = ((example["pixel_values"] * np.float32(0.5) + np.float32(0.5)) * np.float32(255)).astype(np.uint8)
-  masks = example["masks"][:k]
-  for i in sorted(range(k), key=lambda i: float(masks[i].sum()), reverse=True):  # stable: largest first
-    image = draw_mask(image, masks[i], COLORS[colors[i]], 1.0)
-  return {"stem": example["stem"], "image": image, "question": multimask_question(colors), "colors": colors,
+  colors = gen_colors(k)  # Red already last: the question keeps mask order.
+  image, question = painted_question(to_uint8(example["pixel_values"]), example["masks"][:k], colors)
+  return {"stem": example["stem"], "image": image, "question": question, "colors": colors,
           "masks": list(example["mask_names"]), "captions": list(example["captions"])}
 
 
@@ -240,31 +251,41 @@ def llava_example(example: dict) -> dict:
 # Inputs.
 
 
-def _prepare_inputs(config, workdir):
-  """Resolves and checks model and data folders (named in every error) before anything is computed."""
-  if config.examples not in ("llava", "inpainting"):
-    raise ValueError(f"config.examples = {config.examples!r}: expected 'llava' or 'inpainting'")
-  model_dir = config.model_dir
+def resolve_model_dir(model_dir: str, workdir: str, seed: int = 0, field: str = "config.model_dir"):
+  """(folder, LlavaNextConfig) after checking the folder's files; "tiny" builds the tiny random LLaVA-NeXT in
+  workdir/tiny_llava. `field` names the config field in errors."""
   if model_dir == "tiny":
     from idmp_jax.tiny_llava import make_tiny_llava
-    model_dir = make_tiny_llava(os.path.join(workdir, "tiny_llava"), seed=config.seed)
+    model_dir = make_tiny_llava(os.path.join(workdir, "tiny_llava"), seed=seed)
   if not model_dir or not os.path.isdir(model_dir):
-    raise FileNotFoundError(f"config.model_dir = {model_dir!r}: LLaVA-NeXT model folder not found")
+    raise FileNotFoundError(f"{field} = {model_dir!r}: LLaVA-NeXT model folder not found")
   for name in ("config.json", "tokenizer.json", "preprocessor_config.json"):
     if not os.path.isfile(os.path.join(model_dir, name)):
       raise FileNotFoundError(f"{os.path.join(model_dir, name)}: missing from the LLaVA-NeXT model folder")
   config_path = os.path.join(model_dir, "config.json")
   model_config = ln.LlavaNextConfig.from_dict(torch_format.read_json(config_path), source=config_path)
   torch_format.find_weights(model_dir, ("model",))  # Raises naming the folder when no weights are there.
+  return model_dir, model_config
+
+
+def check_adapter(adapter: str, field: str = "config.adapter"):
+  """A peft adapter folder with its two files, or FileNotFoundError naming what is missing."""
+  if not os.path.exists(adapter):
+    raise FileNotFoundError(f"{field} = {adapter!r}: LoRA adapter not found")
+  for name in (lora.PEFT_CONFIG_NAME, lora.PEFT_WEIGHTS_NAME):
+    if not os.path.isfile(os.path.join(adapter, name)):
+      raise FileNotFoundError(f"{os.path.join(adapter, name)}: missing from the peft adapter folder ({field})")
+
+
+def _prepare_inputs(config, workdir):
+  """Resolves and checks model and data folders (named in every error) before anything is computed."""
+  if config.examples not in ("llava", "inpainting"):
+    raise ValueError(f"config.examples = {config.examples!r}: expected 'llava' or 'inpainting'")
+  model_dir, model_config = resolve_model_dir(config.model_dir, workdir, config.seed)
   if config.require_adapter and not config.adapter:
     raise ValueError(f"config {config.name!r} is a fine-tuned variant: set config.adapter to its LoRA adapter")
   if config.adapter:
-    if not os.path.exists(config.adapter):
-      raise FileNotFoundError(f"config.adapter = {config.adapter!r}: LoRA adapter not found")
-    for name in (lora.PEFT_CONFIG_NAME, lora.PEFT_WEIGHTS_NAME):
-      if not os.path.isfile(os.path.join(config.adapter, name)):
-        raise FileNotFoundError(f"{os.path.join(config.adapter, name)}: missing from the peft adapter folder "
-                                "(config.adapter)")
+    check_adapter(config.adapter)
   data_dir = config.data_dir
   if data_dir == "demo":
     from data_prep.demo import make_demo_dataset
@@ -350,6 +371,65 @@ def generate_answers(generator: generation.Generator, params, inputs: dict, stop
   return [tokenizer.decode(row[:n]) for row, n in zip(tokens, lengths)]
 
 
+def generation_config(model_config: ln.LlavaNextConfig, tokenizer: LlavaTokenizer, *, max_new_tokens: int,
+                      chunk_size: int, prefill_rows: int = 0) -> generation.GenerationConfig:
+  """Greedy decoding up to EOS (the tokenizer's and the model's) or max_new_tokens; stop strings come per call."""
+  eos = tuple(sorted({tokenizer.eos_id, *model_config.text_config.eos_token_id} - {None}))
+  return generation.GenerationConfig(
+      max_new_tokens=max_new_tokens, eos_token_id=eos,
+      pad_token_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0, chunk_size=chunk_size,
+      prefill_rows=prefill_rows)
+
+
+_WRITER_GENERATORS: dict = {}
+
+
+class MaskPromptWriter:
+  """The MultiMask prompt generator for one image and its masks at a time, loaded once and compiled once per
+  bucketed shape (the paint command and the app): `writer(image, masks, colors) -> (prompts, answer)`.
+
+  The image is painted and asked about as `painted_question` says; decoding is greedy up to EOS, the stop string
+  (</red>) or `max_new_tokens`; each colour's prompt is the first complete <c>...</c> of the answer (SPEC §6's
+  rule, case kept), stripped, "" when the answer has none. Runs on the default device."""
+
+  def __init__(self, model_config: ln.LlavaNextConfig, params, tokenizer: LlavaTokenizer,
+               proc_config: lp.ImageProcessorConfig, *, dtype=jnp.bfloat16, attention: str = "auto",
+               max_new_tokens: int = 128, chunk_size: int = 16, length_bucket: int = 256,
+               stop_string: str = "</red>"):
+    """params: the model's, already in `dtype` and on the device (`load` does both)."""
+    self.model_config, self.params, self.tokenizer, self.proc_config = model_config, params, tokenizer, proc_config
+    self.length_bucket, self.stop_string = length_bucket, stop_string
+    gen_config = generation_config(model_config, tokenizer, max_new_tokens=max_new_tokens, chunk_size=chunk_size)
+    key = (model_config, gen_config, jnp.dtype(dtype), attention)
+    if key not in _WRITER_GENERATORS:  # Shared by writers of the same model: compiled once per process.
+      model = ln.LlavaNextForConditionalGeneration(model_config, dtype=jnp.dtype(dtype), attention_impl=attention)
+      _WRITER_GENERATORS[key] = generation.Generator(model, gen_config)
+    self.generator = _WRITER_GENERATORS[key]
+
+  @classmethod
+  def load(cls, model_dir: str, *, adapter: str = "", dtype=jnp.bfloat16, workdir: str = ".", seed: int = 0,
+           field: str = "config.llava_dir", **kwargs) -> "MaskPromptWriter":
+    """From a llava-hf folder ("tiny": the tiny random one, built in workdir) and optionally the MultiMask peft
+    adapter (`promptgen_train`'s export/adapter), merged into the kernels once as `run` does."""
+    model_dir, model_config = resolve_model_dir(model_dir, workdir, seed, field=field)
+    if adapter:
+      check_adapter(adapter, field="config.llava_adapter")
+    _, params = ln.load_pretrained(model_dir, dtype=jnp.dtype(dtype))  # Cast on the host, then moved once.
+    if adapter:
+      params = jax.device_get(lora.merge_lora(ln.load_peft_adapter(adapter, params)))
+    return cls(model_config, jax.device_put(params), LlavaTokenizer(model_dir), lp.ImageProcessorConfig.load(model_dir),
+               dtype=dtype, **kwargs)
+
+  def __call__(self, image: np.ndarray, masks: Sequence[np.ndarray], colors: Sequence[str]):
+    """image: (H, W, 3) uint8; masks: (H, W) arrays (non-zero = inside); colors: one COLORS key per mask."""
+    painted, question = painted_question(np.asarray(image, np.uint8), masks, colors)
+    inputs = make_batch([{"image": painted, "question": question}], self.tokenizer, self.proc_config,
+                        self.model_config, self.length_bucket)
+    answer = generate_answers(self.generator, self.params, {k: jnp.asarray(v) for k, v in inputs.items()},
+                              (self.stop_string,), self.tokenizer)[0]
+    return [p.strip() for p in parse_answer(answer, colors, "first_pair")], answer
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -385,10 +465,8 @@ def run(config, workdir: str, mesh) -> dict:
     params = jax.device_get(lora.merge_lora(ln.load_peft_adapter(config.adapter, params)))
   devices = list(mesh.local_devices)[:config.devices or None]
   model = ln.LlavaNextForConditionalGeneration(model_config, dtype=dtype, attention_impl=config.attention)
-  eos = tuple(sorted({tokenizer.eos_id, *model_config.text_config.eos_token_id} - {None}))
-  gen_config = generation.GenerationConfig(
-      max_new_tokens=config.max_new_tokens, eos_token_id=eos,
-      pad_token_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0, chunk_size=config.chunk_size,
+  gen_config = generation_config(
+      model_config, tokenizer, max_new_tokens=config.max_new_tokens, chunk_size=config.chunk_size,
       prefill_rows=math.gcd(config.batch_size, config.prefill_rows or config.batch_size))
   # One Generator (compiled functions) and one params copy per device; a queue hands free devices to batches.
   slots = queue.Queue()
