@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 
 import jax
@@ -24,7 +23,7 @@ from jax.experimental import multihost_utils
 from idmp_jax import parallel, schedulers
 from idmp_jax.data import InpaintingConfig, data_source_path, load_clip_tokenizer, make_inpainting_source
 from idmp_jax.models import clip, lora, unet, vae
-from idmp_jax.train import checkpoint, diffusion, input as train_input, loop, metrics, optimizer as optim
+from idmp_jax.train import diffusion, input as train_input, loop, optimizer as optim
 
 BATCH_KEYS = ("pixel_values", "masked_pixel_values", "mask", "input_ids", "valid")
 RCA_KEYS = ("token_region", "region_masks")
@@ -150,105 +149,52 @@ def run(config, workdir: str, mesh):
                len(jax.tree.leaves(trainable)) // 2,
                len(train_source), len(val_source), steps_per_epoch, total_steps, dict(mesh.shape))
 
-  # ---- Resume --------------------------------------------------------------------------------------------
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
-                                 config_json=json.loads(config.to_json()))
-  meta = {"epoch": 0, "val_losses": [], "stopped_early": False}
-  epoch_iter = None
-  latest = ckpt.latest_step()
-  if latest is not None:
-    meta = ckpt.restore_meta(latest)
-    epoch_iter = iter(loader(train_source, meta["epoch"], True))
-    state = ckpt.restore(latest, checkpoint.abstract_like(state), epoch_iter)
-    logging.info("resumed from %s/checkpoints/%d (epoch %d)", workdir, latest, meta["epoch"])
-  step = int(jax.device_get(state.step))
-
-  # ---- Helpers -------------------------------------------------------------------------------------------
-  writer = metrics.create_writer(workdir, is_main)
-  if latest is None:
-    writer.write_hparams({k: str(v) for k, v in metrics.flat_config(config).items()})
-  progress = metrics.Progress(total_steps, step, enabled=is_main and config.progress_bar)
-  last_saved = {"step": latest}
-  step_metrics = loop.StepMetrics(writer, config.log_every_steps, progress, lambda: last_saved["step"])
-
-  def save(at_step, data_iterator):
-    step_metrics.drain()  # Every loss up to here is finite, or this raises before anything is written.
-    ckpt.save(at_step, state, data_iterator, meta)
-    last_saved["step"] = at_step
+  # ---- Resume, then train ---------------------------------------------------------------------------------
+  run = loop.TrainingRun(config, workdir, state, {"epoch": 0, "val_losses": [], "stopped_early": False},
+                         lambda epoch: loader(train_source, epoch, True), total_steps, is_main)
 
   def export_lora(folder):
     if is_main:
-      lora.save_diffusers_lora(folder, lora.merge(jax.device_get(state.params), adapter_scalars), unet.LIST_NAMES)
+      lora.save_diffusers_lora(folder, lora.merge(jax.device_get(run.state.params), adapter_scalars),
+                               unet.LIST_NAMES)
 
   def validate() -> float:
     total, count = 0.0, 0.0
     it = iter(loader(val_source, 0, False))
     for i, batch in enumerate(it):
-      s, n = eval_step(state.params, frozen, parallel.shard_batch(train_input.device_fields(batch, batch_keys),
-                                                                   mesh), jax.random.fold_in(val_key, i))
+      s, n = eval_step(run.state.params, frozen, parallel.shard_batch(
+          train_input.device_fields(batch, batch_keys), mesh), jax.random.fold_in(val_key, i))
       total, count = total + float(s), count + float(n)
     train_input.close(it)
     return total / max(count, 1.0)
 
-  # ---- Train ---------------------------------------------------------------------------------------------
-  epoch = meta["epoch"]
-  try:
-    while step < total_steps and epoch < config.num_epochs and not meta["stopped_early"]:
-      epoch_iter = epoch_iter if epoch_iter is not None else iter(loader(train_source, epoch, True))
-      in_epoch = step - epoch * steps_per_epoch  # Batches of this epoch already done.
-      for batch in epoch_iter:
-        in_epoch += 1
-        info = {"epoch": epoch + 1, "batch": in_epoch,
-                "stems": [_name(train_source, i) for i, v in zip(batch["index"], batch["valid"]) if v]}
-        state, step_out = train_step(state, frozen, parallel.shard_batch(
-            train_input.device_fields(batch, batch_keys), mesh))
-        step += 1
-        step_metrics.push(step, step_out, info)
-        if step >= total_steps:
-          break
-        if step % config.checkpoint_every_steps == 0 and in_epoch < steps_per_epoch:
-          save(step, epoch_iter)
-      if in_epoch < steps_per_epoch:
-        break  # max_steps reached mid-epoch.
+  def end_of_epoch(run, epoch):  # Validation, the epoch's adapter, then early stopping (the original's order).
+    val_loss = validate()
+    run.meta["val_losses"].append(val_loss)
+    run.writer.write_scalars(run.step, {"val_loss": val_loss, "epoch": epoch + 1})
+    export_lora(os.path.join(workdir, "lora", f"epoch_{epoch + 1}"))
+    losses = run.meta["val_losses"]
+    if config.early_stopping and len(losses) > 1 and val_loss > losses[-2]:
+      logging.info("early stopping after epoch %d: validation loss %.6f > %.6f", epoch + 1, val_loss, losses[-2])
+      run.meta["stopped_early"] = True
 
-      # End of epoch: validation, the epoch's adapter, then early stopping (the original's order).
-      step_metrics.drain()
-      val_loss = validate()
-      meta["val_losses"].append(val_loss)
-      writer.write_scalars(step, {"val_loss": val_loss, "epoch": epoch + 1})
-      export_lora(os.path.join(workdir, "lora", f"epoch_{epoch + 1}"))
-      if config.early_stopping and len(meta["val_losses"]) > 1 and val_loss > meta["val_losses"][-2]:
-        logging.info("early stopping after epoch %d: validation loss %.6f > %.6f", epoch + 1, val_loss,
-                     meta["val_losses"][-2])
-        meta["stopped_early"] = True
-      epoch += 1
-      meta["epoch"] = epoch
-      train_input.close(epoch_iter)
-      epoch_iter = iter(loader(train_source, epoch, True))
-      save(step, epoch_iter)
-      step_metrics.restart_clock()
+  epoch = loop.run_epochs(
+      run, steps_per_epoch=steps_per_epoch,
+      step_fn=lambda state, batch: train_step(state, frozen, parallel.shard_batch(
+          train_input.device_fields(batch, batch_keys), mesh)),
+      batch_info=lambda batch, epoch, in_epoch: {
+          "epoch": epoch + 1, "batch": in_epoch,
+          "stems": [_name(train_source, i) for i, v in zip(batch["index"], batch["valid"]) if v]},
+      end_of_epoch=end_of_epoch, close_iterator=train_input.close)
+  state, step, meta = run.state, run.step, run.meta
 
-    # ---- Final save and export ---------------------------------------------------------------------------
-    step_metrics.drain()
-    if last_saved["step"] != step:
-      save(step, epoch_iter if epoch_iter is not None else iter(loader(train_source, epoch, True)))
-    ckpt.wait()
-    train_input.close(epoch_iter)
-  except loop.NonFiniteLossError as e:
-    ckpt.wait()  # The last save (checked finite) completes; nothing after it is written.
-    logging.error("%s", e)
-    writer.close()
-    progress.close()
-    raise
-  progress.close()
+  # ---- Export --------------------------------------------------------------------------------------------
   export_lora(os.path.join(workdir, "export", "lora"))
   if is_main and config.export_merged_unet:
     _, base = unet.load_pretrained(os.path.join(model_dir, "unet"))  # fp32 base: merge without rounding to bf16
     merged = lora.merge_lora(lora.merge(base, jax.device_get(state.params), adapter_scalars))
     unet.save_pretrained(os.path.join(workdir, "export", "unet"), ucfg, merged)
-  writer.flush()
-  writer.close()
-  ckpt.close()
+  run.close()
   frozen_arrays, frozen_sharded = parallel.count_sharded(frozen)
   summary = {"step": step, "epochs_done": epoch, "val_losses": meta["val_losses"],
              "stopped_early": meta["stopped_early"], "workdir": workdir, "frozen_arrays": frozen_arrays,

@@ -28,7 +28,6 @@ folders: adapter_config.json + adapter_model.safetensors, what `PeftModel.from_p
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -42,7 +41,7 @@ from idmp_jax import parallel
 from idmp_jax.data.llava import LlavaConfig, LlavaSource
 from idmp_jax.models import llava_next as ln
 from idmp_jax.models import lora, quantize
-from idmp_jax.train import checkpoint, input as train_input, loop, metrics, optimizer as optim
+from idmp_jax.train import input as train_input, loop, optimizer as optim
 from idmp_jax.train import promptgen, state as train_state
 
 
@@ -219,87 +218,28 @@ def run(config, workdir: str, mesh):
                seq_len, answer_window, dict(mesh.shape))
   del trainable
 
-  # ---- Resume --------------------------------------------------------------------------------------------
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
-                                 config_json=json.loads(config.to_json()))
-  meta = {"epoch": 0}
-  epoch_iter = None
-  latest = ckpt.latest_step()
-  if latest is not None:
-    meta = ckpt.restore_meta(latest)
-    epoch_iter = iter(loader(meta["epoch"]))
-    state = ckpt.restore(latest, checkpoint.abstract_like(state), epoch_iter)
-    logging.info("resumed from %s/checkpoints/%d (epoch %d)", workdir, latest, meta["epoch"])
-  step = int(jax.device_get(state.step))
-
-  # ---- Helpers -------------------------------------------------------------------------------------------
-  writer = metrics.create_writer(workdir, is_main)
-  if latest is None:
-    writer.write_hparams({k: str(v) for k, v in metrics.flat_config(config).items()})
-  progress = metrics.Progress(total_steps, step, enabled=is_main and config.progress_bar)
-  last_saved = {"step": latest}
-  step_metrics = loop.StepMetrics(writer, config.log_every_steps, progress, lambda: last_saved["step"])
-
-  def save(at_step, data_iterator):
-    step_metrics.drain()  # Every loss up to here is finite, or this raises before anything is written.
-    ckpt.save(at_step, state, data_iterator, meta)
-    last_saved["step"] = at_step
+  # ---- Resume, then train ---------------------------------------------------------------------------------
+  run = loop.TrainingRun(config, workdir, state, {"epoch": 0}, loader, total_steps, is_main)
 
   def export_adapter(folder):
     # Every process takes part: with fsdp across hosts no process holds a whole LoRA leaf.
-    trained = multihost_utils.process_allgather(state.params, tiled=True)
+    trained = multihost_utils.process_allgather(run.state.params, tiled=True)
     if is_main:
       ln.save_peft_adapter(folder, lora.merge(trained, adapter_scalars), tuple(config.lora.targets),
                            base_model_name_or_path=config.model_dir)
 
-  # ---- Train ---------------------------------------------------------------------------------------------
-  epoch = meta["epoch"]
-  try:
-    while step < total_steps and epoch < config.num_epochs:
-      epoch_iter = epoch_iter if epoch_iter is not None else iter(loader(epoch))
-      in_epoch = step - epoch * steps_per_epoch  # Batches of this epoch already done.
-      for batch in epoch_iter:
-        in_epoch += 1
-        info = {"epoch": epoch + 1, "batch": in_epoch,
-                "stems": [s for s, v in zip(batch["stem"], batch["valid"]) if v]}
-        state, step_out = train_step(state, frozen, parallel.shard_batch(
-            train_input.device_fields(batch, promptgen.BATCH_KEYS), mesh))
-        step += 1
-        step_metrics.push(step, step_out, info)
-        if step >= total_steps:
-          break
-        if step % config.checkpoint_every_steps == 0 and in_epoch < steps_per_epoch:
-          save(step, epoch_iter)
-      if in_epoch < steps_per_epoch:
-        break  # max_steps reached mid-epoch.
-      # End of epoch: the epoch's adapter (the original saves checkpoint-<step>/adapter), then a checkpoint at
-      # the start of the next epoch's data.
-      step_metrics.drain()
-      export_adapter(os.path.join(workdir, "adapter", f"epoch_{epoch + 1}"))
-      epoch += 1
-      meta["epoch"] = epoch
-      train_input.close(epoch_iter)
-      epoch_iter = iter(loader(epoch))
-      save(step, epoch_iter)
-      step_metrics.restart_clock()
-
-    # ---- Final save and export ---------------------------------------------------------------------------
-    step_metrics.drain()
-    if last_saved["step"] != step:
-      save(step, epoch_iter if epoch_iter is not None else iter(loader(epoch)))
-    ckpt.wait()
-    train_input.close(epoch_iter)
-  except loop.NonFiniteLossError as e:
-    ckpt.wait()  # The last save (checked finite) completes; nothing after it is written.
-    logging.error("%s", e)
-    writer.close()
-    progress.close()
-    raise
-  progress.close()
+  # The epoch's adapter at its end (the original saves checkpoint-<step>/adapter).
+  epoch = loop.run_epochs(
+      run, steps_per_epoch=steps_per_epoch,
+      step_fn=lambda state, batch: train_step(state, frozen, parallel.shard_batch(
+          train_input.device_fields(batch, promptgen.BATCH_KEYS), mesh)),
+      batch_info=lambda batch, epoch, in_epoch: {
+          "epoch": epoch + 1, "batch": in_epoch, "stems": [s for s, v in zip(batch["stem"], batch["valid"]) if v]},
+      end_of_epoch=lambda run, epoch: export_adapter(os.path.join(workdir, "adapter", f"epoch_{epoch + 1}")),
+      close_iterator=train_input.close)
+  step = run.step
   export_adapter(os.path.join(workdir, "export", "adapter"))
-  writer.flush()
-  writer.close()
-  ckpt.close()
+  run.close()
   summary = {"step": step, "epochs_done": epoch, "workdir": workdir,
              "adapter": os.path.join(workdir, "export", "adapter")}
   logging.info("promptgen_train done: %s", summary)

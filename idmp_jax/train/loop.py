@@ -7,12 +7,16 @@ only once every loss before it was checked finite, so a NaN never reaches the la
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from typing import Any, Callable
 
 import jax
+from absl import logging
 
+from idmp_jax.train import checkpoint, metrics
 from idmp_jax.train.metrics import Progress
 
 
@@ -80,3 +84,98 @@ class StepMetrics:
         self._sums, self._count = {}, 0
         self._t0 = time.perf_counter()
 
+
+
+class TrainingRun:
+  """What every training job does around its step, in one place: resume from the latest checkpoint in
+  `workdir/checkpoints` (state, data iterator and the job's JSON `meta`, which holds at least "epoch"), the
+  metric writer, the progress bar, the lagged NaN-checked step metrics, and a save that drains those first.
+
+  `run_epochs` drives it: the same epoch/step/checkpoint logic for the UNet and the LLaVA jobs, which differ only
+  in their step, their batch description and what happens at the end of an epoch.
+  """
+
+  def __init__(self, config, workdir: str, state, meta: dict, open_epoch: Callable[[int], Any], total_steps: int,
+               is_main: bool):
+    self.config, self.workdir, self.open_epoch, self.total_steps = config, workdir, open_epoch, total_steps
+    self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                                        config_json=json.loads(config.to_json()))
+    self.meta, self.epoch_iter, self.state = meta, None, state
+    self.last_saved = self.ckpt.latest_step()
+    if self.last_saved is not None:
+      self.meta = self.ckpt.restore_meta(self.last_saved)
+      self.epoch_iter = iter(open_epoch(self.meta["epoch"]))
+      self.state = self.ckpt.restore(self.last_saved, checkpoint.abstract_like(state), self.epoch_iter)
+      logging.info("resumed from %s/checkpoints/%d (epoch %d)", workdir, self.last_saved, self.meta["epoch"])
+    self.step = int(jax.device_get(self.state.step))
+    self.writer = metrics.create_writer(workdir, is_main)
+    if self.last_saved is None:
+      self.writer.write_hparams({k: str(v) for k, v in metrics.flat_config(config).items()})
+    self.progress = metrics.Progress(total_steps, self.step, enabled=is_main and config.progress_bar)
+    self.step_metrics = StepMetrics(self.writer, config.log_every_steps, self.progress, lambda: self.last_saved)
+
+  def save(self, data_iterator):
+    self.step_metrics.drain()  # Every loss up to here is finite, or this raises before anything is written.
+    self.ckpt.save(self.step, self.state, data_iterator, self.meta)
+    self.last_saved = self.step
+
+  def close(self):
+    self.writer.flush()
+    self.writer.close()
+    self.ckpt.close()
+
+
+def run_epochs(run: TrainingRun, *, steps_per_epoch: int, step_fn: Callable, batch_info: Callable,
+               end_of_epoch: Callable, close_iterator: Callable) -> int:
+  """Trains until `run.total_steps`, `config.num_epochs` or `run.meta["stopped_early"]`; returns epochs done.
+
+  step_fn(state, batch) -> (state, step metrics); batch_info(batch, epoch, in_epoch) -> dict naming the batch in
+  a NaN report; end_of_epoch(run, epoch) after an epoch's last step with the metrics drained (validation, the
+  epoch's adapter, early stopping via run.meta["stopped_early"]); close_iterator(it) releases a data iterator.
+  Checkpoints: every `config.checkpoint_every_steps` inside an epoch, at each epoch's end (holding the next
+  epoch's iterator, so a resume starts it), and at the end. A NonFiniteLossError stops it with the last good
+  checkpoint kept.
+  """
+  config = run.config
+  epoch = run.meta["epoch"]
+  try:
+    while run.step < run.total_steps and epoch < config.num_epochs and not run.meta.get("stopped_early"):
+      it = run.epoch_iter if run.epoch_iter is not None else iter(run.open_epoch(epoch))
+      run.epoch_iter = it
+      in_epoch = run.step - epoch * steps_per_epoch  # Batches of this epoch already done.
+      for batch in it:
+        in_epoch += 1
+        info = batch_info(batch, epoch, in_epoch)
+        run.state, step_out = step_fn(run.state, batch)
+        run.step += 1
+        run.step_metrics.push(run.step, step_out, info)
+        if run.step >= run.total_steps:
+          break
+        if run.step % config.checkpoint_every_steps == 0 and in_epoch < steps_per_epoch:
+          run.save(it)
+      if in_epoch < steps_per_epoch:
+        break  # max_steps reached mid-epoch.
+      run.step_metrics.drain()
+      end_of_epoch(run, epoch)
+      epoch += 1
+      run.meta["epoch"] = epoch
+      close_iterator(it)
+      run.epoch_iter = iter(run.open_epoch(epoch))
+      run.save(run.epoch_iter)
+      run.step_metrics.restart_clock()
+
+    run.step_metrics.drain()
+    if run.last_saved != run.step:
+      if run.epoch_iter is None:
+        run.epoch_iter = iter(run.open_epoch(epoch))
+      run.save(run.epoch_iter)
+    run.ckpt.wait()
+    close_iterator(run.epoch_iter)
+  except NonFiniteLossError as e:
+    run.ckpt.wait()  # The last save (checked finite) completes; nothing after it is written.
+    logging.error("%s", e)
+    run.writer.close()
+    run.progress.close()
+    raise
+  run.progress.close()
+  return epoch
