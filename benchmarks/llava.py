@@ -87,7 +87,8 @@ def make_inputs(config: ln.LlavaNextConfig, batch: int, image_px: int, rng):
   n_feat = ln.num_image_features(size, config)
   vocab = config.text_config.vocab_size
   text = [t if t != config.image_token_index else 3 for t in rng.integers(3, vocab, TEXT_TOKENS).tolist()]
-  seq = [1] + text[:34] + [config.image_token_index] * n_feat + text[34:TEXT_TOKENS - 1]  # System, image, rest.
+  # System, image, then the question and (for the LoRA step) an answer of ANSWER_TOKENS text tokens.
+  seq = [1] + text[:10] + [config.image_token_index] * n_feat + text[10:TEXT_TOKENS - 1]
   s = config.vision_config.image_size
   views = ln.num_views(size, config) * batch
   pix = rng.standard_normal((views, 3, s, s), np.float32)
@@ -156,6 +157,9 @@ def lora_inputs(config: ln.LlavaNextConfig, batch: int, image_px: int, rng) -> d
   flat = make_inputs(config, batch, image_px, rng)
   size = (image_px, image_px)
   ids = np.asarray(flat["input_ids"])
+  # Targets must be text: an image token id (32000) is no output of a 32000-word head, and its cross-entropy is
+  # NaN (what made this benchmark's loss NaN until the answer no longer reached into the image tokens).
+  assert (ids[:, -ANSWER_TOKENS - 1:] != config.image_token_index).all()
   row_index = np.zeros(ids.shape, np.int32)
   row_index[ids == config.image_token_index] = np.tile(ln.image_feature_index([size], config), batch)
   views = ln.num_views(size, config)
