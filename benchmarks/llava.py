@@ -228,6 +228,9 @@ def main():
   parser.add_argument("--remat", default="dots", choices=tuple(llama.REMAT_POLICIES))
   parser.add_argument("--answer-window", type=int, default=511, help="positions whose logits the loss computes")
   parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
+  parser.add_argument("--quantize", default="", choices=("", "int8"),
+                      help="generation with the decoder's Linear kernels per-channel int8 (models/quantize.py): "
+                           "half the weight bytes a decode step reads")
   parser.add_argument("--explicit-mask", action="store_true",
                       help="LoRA step: attention with a (T, T) mask tensor instead of plain causal (right padding)")
   parser.add_argument("--layers", type=int, default=0, help="override the decoder depth (quick experiments)")
@@ -251,7 +254,14 @@ def main():
   n = sum(x.size for x in jax.tree.leaves(params))
   print(f"random params: {n / 1e9:.2f}B in {time.perf_counter() - t0:.1f}s", flush=True)
   results = []
-  bench_generation(args, config, params, results)
+  gen_params = params
+  if args.quantize == "int8":  # The decoder layers' kernels, as promptgen_train's `quantize` does (host NumPy).
+    from idmp_jax.models import quantize
+    lm = jax.device_get(params["language_model"])
+    lm = quantize.quantize_int8(lm, lambda p: "layers" in "/".join(p))
+    gen_params = dict(params, language_model=jax.device_put(lm))
+  bench_generation(args, config, gen_params, results)
+  del gen_params
   bench_lora(args, config, params, results)
   print(f"\n{'batch':>5} {'prompt':>6} {'prefill s':>9} {'ms/step':>8} {'decode tok/s':>12} {'e2e tok/s':>9} "
         f"{'bound':>7} {'frac':>5} {'peak GiB':>8}")
