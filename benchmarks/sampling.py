@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idmp_jax import sampling, tiny
+from idmp_jax.train import tiny as train_tiny
 from idmp_jax.models import clip, unet, vae
 from idmp_jax.tasks.unet_forward import random_regions
 
@@ -38,11 +39,15 @@ def build(small: bool):
                                num_attention_heads=2, hidden_act="gelu", eos_token_id=2)
   else:
     ucfg, vcfg, tcfg = unet.UNetConfig(), vae.AutoencoderKLConfig.from_dict(SD2_VAE), clip.CLIPTextConfig(**SD2_TEXT)
-  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-  params = dict(
-      unet=jax.jit(lambda k: unet.init_params(ucfg, k, size=8, seq=4))(k1),
-      vae=jax.jit(lambda k: vae.AutoencoderKL(vcfg).init(k, jnp.zeros((1, 16, 16, 3)))["params"])(k2),
-      text=jax.jit(lambda k: clip.CLIPTextTransformer(tcfg).init(k, jnp.zeros((1, 77), jnp.int32))["params"])(k3))
+  # NumPy draws from the abstract trees (as benchmarks/train_step.py does). The jitted `init`s took 160 s even at
+  # the tiny shapes on the 2-core CPU, and on the GPU machine two runs printed nothing within 190 s.
+  key = jax.random.key(0)
+  abstract = dict(
+      unet=unet.abstract_params(ucfg),
+      vae=jax.eval_shape(lambda: vae.AutoencoderKL(vcfg).init(key, jnp.zeros((1, 16, 16, 3))))["params"],
+      text=jax.eval_shape(lambda: clip.CLIPTextTransformer(tcfg).init(key, jnp.zeros((1, 77), jnp.int32)))["params"])
+  params = {name: jax.device_put(train_tiny.random_params(tree, seed)) for seed, (name, tree) in
+            enumerate(abstract.items())}
   return sampling.Models(ucfg, vcfg, tcfg, dict(tiny.SD2_SCHEDULER)), params
 
 
