@@ -21,26 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def examples_per_second(source, workers, args) -> float:
-  import grain
-  from idmp_jax.data import make_loader
-  loader = make_loader(source, batch_size=args.batch_size, seed=0, num_epochs=None, worker_count=workers,
-                       worker_buffer_size=args.buffer, shard_options=grain.sharding.NoSharding(),
-                       drop_remainder=True)
-  it = iter(loader)
-  try:
-    for _ in range(args.warmup):
-      next(it)
-    start = time.perf_counter()
-    for _ in range(args.batches):
-      batch = next(it)
-    seconds = time.perf_counter() - start
-  finally:
-    if hasattr(it, "close"):
-      it.close()
-  assert batch["pixel_values"].shape == (args.batch_size, 512, 512, 3)
-  return args.batches * args.batch_size / seconds
+from benchmarks.data_pipeline import add_timing_args, examples_per_second  # noqa: E402
 
 
 def main():
@@ -51,12 +32,8 @@ def main():
                  "reading only (for a machine without TensorFlow, which building needs)")
   p.add_argument("--out", help="build-tfds output (default: a temp dir, removed at the end)")
   p.add_argument("--split", default="train")
-  p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--batches", type=int, default=8)
-  p.add_argument("--warmup", type=int, default=2)
+  add_timing_args(p)
   p.add_argument("--copies", type=int, default=8)
-  p.add_argument("--buffer", type=int, default=2, help="per-worker buffer (batches)")
   p.add_argument("--long-side", type=int, help="rescale the demo's train images to this longer side")
   p.add_argument("--build-threads", type=int, help="build-tfds decoding threads (default: its own)")
   args = p.parse_args()
@@ -93,8 +70,8 @@ def main():
   records = ArrayRecordInpaintingSource(summary["build_dir"], args.split, tokenizer, config, seed=0)
   print(f"{len(folder)} {args.split} images; batch {args.batch_size}; cores {os.cpu_count()}", flush=True)
   for workers in args.workers:
-    a = examples_per_second(folder, workers, args)
-    b = examples_per_second(records, workers, args)
+    a, _ = examples_per_second(folder, workers, args)
+    b, _ = examples_per_second(records, workers, args)
     print(f"workers={workers:3d}: folder {a:8.1f} examples/s, array_record {b:8.1f} examples/s, "
           f"ratio {b / a:.2f}", flush=True)
   shutil.rmtree(tmp, ignore_errors=True)
