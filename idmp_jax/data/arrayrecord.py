@@ -31,8 +31,7 @@ import numpy as np
 from PIL import Image
 
 from idmp_jax.data import files
-from idmp_jax.data.inpainting import (InpaintingConfig, InpaintingSource, example_rng, load_selection_manifest,
-                                      make_inpainting_example)
+from idmp_jax.data.inpainting import InpaintingConfig, InpaintingSource, set_build_options
 
 DATASET_NAME = "idmp_inpainting"
 RECORDS_FILE = "idmp_records.json"  # per split: stems in record order, and the records the build left out
@@ -174,20 +173,13 @@ class ArrayRecordInpaintingSource:
   def __init__(self, build, split: str, tokenizer, config: InpaintingConfig = InpaintingConfig(), *,
                seed: int = 0, prompts_dir=None, selection: Mapping[str, Sequence[str]] | str | None = None):
     import grain
-    if split not in files.SPLITS:
-      raise ValueError(f"split must be one of {files.SPLITS}, got {split!r}")
+    set_build_options(self, split, tokenizer, config, seed, prompts_dir, selection)
     self.build_dir = find_build(build)
-    self.split, self.tokenizer, self.config, self.seed = split, tokenizer, config, int(seed)
     self.stems = read_records_file(self.build_dir)[split]["stems"]
     self.records = grain.sources.ArrayRecordDataSource(shard_instructions(self.build_dir, split))
     if len(self.records) != len(self.stems):
       raise ValueError(f"{self.build_dir}: split {split!r} has {len(self.records)} records but {RECORDS_FILE} "
                        f"lists {len(self.stems)} stems")
-    if prompts_dir is not None and not os.path.isdir(prompts_dir):
-      raise FileNotFoundError(f"{prompts_dir}: prompts folder does not exist")
-    self.prompts_dir = prompts_dir
-    self.selection_path = selection if isinstance(selection, (str, os.PathLike)) else None
-    self.selection = load_selection_manifest(selection) if self.selection_path else selection
 
   def __len__(self) -> int:
     return len(self.stems)
@@ -267,5 +259,4 @@ def make_inpainting_source(config, split: str, tokenizer, data_config: Inpaintin
   between the folder and the ArrayRecord build (`data_source_path`). Both give the same examples for the same
   seed; keyword arguments (seed, prompts_dir, selection) are InpaintingSource's."""
   data_format, path = data_source_path(config, data_dir)
-  cls = InpaintingSource if data_format == "folder" else ArrayRecordInpaintingSource
-  return cls(path, split, tokenizer, data_config, **kwargs)
+  return inpainting_source(path, split, tokenizer, data_config, data_format=data_format, **kwargs)

@@ -253,6 +253,20 @@ def load_selection_manifest(path) -> dict[str, list[str]]:
   return data
 
 
+def set_build_options(source, split: str, tokenizer, config: InpaintingConfig, seed: int, prompts_dir,
+                      selection) -> None:
+  """The attributes `InpaintingSource.build` reads, checked and set: for the folder source and for the
+  ArrayRecord source (idmp_jax.data.arrayrecord), which builds its examples with the same `build`."""
+  if split not in files.SPLITS:
+    raise ValueError(f"split must be one of {files.SPLITS}, got {split!r}")
+  if prompts_dir is not None and not os.path.isdir(prompts_dir):
+    raise FileNotFoundError(f"{prompts_dir}: prompts folder does not exist")
+  source.split, source.tokenizer, source.config, source.seed = split, tokenizer, config, int(seed)
+  source.prompts_dir = prompts_dir
+  source.selection_path = selection if isinstance(selection, (str, os.PathLike)) else None
+  source.selection = load_selection_manifest(selection) if source.selection_path else selection
+
+
 class InpaintingSource:
   """Random-access examples of one split (a Grain data source: `len`, `[i]` = epoch 0).
 
@@ -263,20 +277,13 @@ class InpaintingSource:
 
   def __init__(self, root, split: str, tokenizer, config: InpaintingConfig = InpaintingConfig(), *, seed: int = 0,
                prompts_dir=None, selection: Mapping[str, Sequence[str]] | str | None = None):
-    if split not in files.SPLITS:
-      raise ValueError(f"split must be one of {files.SPLITS}, got {split!r}")
+    set_build_options(self, split, tokenizer, config, seed, prompts_dir, selection)
     self.layout = files.Layout(os.fspath(root))
-    self.split, self.tokenizer, self.config, self.seed = split, tokenizer, config, int(seed)
     self.stems, self.unannotated = files.list_split(self.layout.root, split)
     if self.unannotated:  # the original dropped these silently
       logging.warning("%s: %d of %d images have no annotations.json and are not examples",
                       os.path.join(self.layout.root, "images", split), len(self.unannotated),
                       len(self.unannotated) + len(self.stems))
-    if prompts_dir is not None and not os.path.isdir(prompts_dir):
-      raise FileNotFoundError(f"{prompts_dir}: prompts folder does not exist")
-    self.prompts_dir = prompts_dir
-    self.selection_path = selection if isinstance(selection, (str, os.PathLike)) else None
-    self.selection = load_selection_manifest(selection) if self.selection_path else selection
 
   def __len__(self) -> int:
     return len(self.stems)
