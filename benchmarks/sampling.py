@@ -35,8 +35,7 @@ def build(small: bool):
   if small:
     ucfg = unet.UNetConfig.from_dict(tiny.TINY_UNET)
     vcfg = vae.AutoencoderKLConfig.from_dict(tiny.TINY_VAE)
-    tcfg = clip.CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=2, hidden_act="gelu", eos_token_id=2)
+    tcfg = tiny.tiny_text_config(ucfg.cross_attention_dim)
   else:
     ucfg, vcfg, tcfg = unet.UNetConfig(), vae.AutoencoderKLConfig.from_dict(SD2_VAE), clip.CLIPTextConfig(**SD2_TEXT)
   # NumPy draws from the abstract trees (as benchmarks/train_step.py does). The jitted `init`s took 160 s even at
@@ -116,8 +115,8 @@ def bench_torch(args):
   torch.manual_seed(0)
   # CPU (fp32) only to smoke-test this function with --small; the reported figure is CUDA fp16.
   dev, dt = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
-  ucfg, vcfg, tcfg = ((tiny.TINY_UNET, tiny.TINY_VAE, dict(vocab_size=514, hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu", eos_token_id=2))
+  ucfg, vcfg, tcfg = ((tiny.TINY_UNET, tiny.TINY_VAE, dict(hidden_size=tiny.TINY_UNET["cross_attention_dim"],
+                                                              **tiny.TINY_TEXT))
                       if args.small else (unet.UNetConfig().to_dict(), SD2_VAE, SD2_TEXT))
   with torch.device(dev):
     u = UNet2DConditionModel(**{k: v for k, v in ucfg.items() if not k.startswith("_")})

@@ -24,6 +24,9 @@ TINY_UNET = dict(
 TINY_VAE = dict(block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4, latent_channels=4,
                 sample_size=64)
+# The tiny CLIP text tower; its width follows the UNet's cross_attention_dim (`tiny_text_config`).
+TINY_TEXT = dict(vocab_size=514, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu",
+                 eos_token_id=2, bos_token_id=0, pad_token_id=1, projection_dim=32)
 SD2_SCHEDULER = {
     "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
     "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
@@ -60,6 +63,22 @@ def make_char_clip_tokenizer(folder: str) -> str:
   return folder
 
 
+def tiny_text_config(hidden_size: int) -> clip.CLIPTextConfig:
+  return clip.CLIPTextConfig(hidden_size=hidden_size, **TINY_TEXT)
+
+
+def write_pipeline_files(folder: str) -> None:
+  """The weightless parts of a tiny pipeline folder: tokenizer, scheduler config and model_index.json."""
+  make_char_clip_tokenizer(os.path.join(folder, "tokenizer"))
+  write_json(SD2_SCHEDULER, os.path.join(folder, "scheduler", "scheduler_config.json"))
+  write_json({"_class_name": "StableDiffusionInpaintPipeline", "_diffusers_version": "0.42.1",
+              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+              "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
+              "feature_extractor": [None, None], "requires_safety_checker": False},
+             os.path.join(folder, "model_index.json"))
+
+
 def make_tiny_pipeline(folder: str, seed: int = 0) -> str:
   """Writes a tiny random SD-2-inpainting-shaped pipeline folder; returns it. Idempotent per folder."""
   if os.path.exists(os.path.join(folder, "model_index.json")):
@@ -73,18 +92,8 @@ def make_tiny_pipeline(folder: str, seed: int = 0) -> str:
   vparams = jax.jit(lambda k: vae.AutoencoderKL(vcfg).init(k, jnp.zeros((1, 16, 16, 3)))["params"])(k_vae)
   vae.save_vae(os.path.join(folder, "vae"), vcfg, vparams)
 
-  tcfg = clip.CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=2, hidden_act="gelu", eos_token_id=2, bos_token_id=0,
-                             pad_token_id=1, projection_dim=32)
+  tcfg = tiny_text_config(ucfg.cross_attention_dim)
   tparams = jax.jit(lambda k: clip.CLIPTextTransformer(tcfg).init(k, jnp.zeros((1, 77), jnp.int32))["params"])(k_text)
   clip.save_text_encoder(os.path.join(folder, "text_encoder"), tcfg, tparams)
-
-  make_char_clip_tokenizer(os.path.join(folder, "tokenizer"))
-  write_json(SD2_SCHEDULER, os.path.join(folder, "scheduler", "scheduler_config.json"))
-  write_json({"_class_name": "StableDiffusionInpaintPipeline", "_diffusers_version": "0.42.1",
-              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-              "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
-              "feature_extractor": [None, None], "requires_safety_checker": False},
-             os.path.join(folder, "model_index.json"))
+  write_pipeline_files(folder)
   return folder

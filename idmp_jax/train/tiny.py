@@ -15,7 +15,6 @@ import numpy as np
 from flax import traverse_util
 
 from idmp_jax import tiny
-from idmp_jax.convert.torch_format import write_json
 from idmp_jax.models import clip, unet, vae
 
 
@@ -48,17 +47,8 @@ def write_random_pipeline(folder: str, seed: int = 0, unet_config: dict | None =
   vcfg = vae.AutoencoderKLConfig.from_dict(dict(tiny.TINY_VAE), source="tiny vae")
   vabstract = shapes(vae.AutoencoderKL(vcfg), jnp.zeros((1, 16, 16, 3), jnp.float32))
   vae.save_vae(os.path.join(folder, "vae"), vcfg, random_params(vabstract, seed + 1))
-  tcfg = clip.CLIPTextConfig(vocab_size=514, hidden_size=ucfg.cross_attention_dim, intermediate_size=64,
-                             num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu", eos_token_id=2,
-                             bos_token_id=0, pad_token_id=1, projection_dim=32)
+  tcfg = tiny.tiny_text_config(ucfg.cross_attention_dim)
   tabstract = shapes(clip.CLIPTextTransformer(tcfg), jnp.zeros((1, 77), jnp.int32))
   clip.save_text_encoder(os.path.join(folder, "text_encoder"), tcfg, random_params(tabstract, seed + 2))
-  tiny.make_char_clip_tokenizer(os.path.join(folder, "tokenizer"))
-  write_json(tiny.SD2_SCHEDULER, os.path.join(folder, "scheduler", "scheduler_config.json"))
-  write_json({"_class_name": "StableDiffusionInpaintPipeline", "_diffusers_version": "0.42.1",
-              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-              "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None],
-              "feature_extractor": [None, None], "requires_safety_checker": False},
-             os.path.join(folder, "model_index.json"))
+  tiny.write_pipeline_files(folder)
   return folder
