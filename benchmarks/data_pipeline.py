@@ -69,6 +69,30 @@ def examples_per_second(source, workers: int, args) -> tuple[float, float]:
   return args.batches * args.batch_size / seconds, seconds
 
 
+def add_input_args(p) -> None:
+  p.add_argument("--data-dir")
+  p.add_argument("--tokenizer")
+  p.add_argument("--split", default="train")
+  p.add_argument("--copies", type=int, default=8)
+  p.add_argument("--long-side", type=int, help="rescale the demo's train images to this longer side")
+
+
+def prepare_inputs(args, tmp: str):
+  """(tokenizer, InpaintingConfig at 512 px with RCA and training's caption dropout); builds the demo dataset
+  and a CLIP tokenizer folder under `tmp` where --data-dir / --tokenizer are not given (sets them in args)."""
+  from idmp_jax.data import InpaintingConfig, load_clip_tokenizer
+  if args.data_dir is None:
+    from data_prep.demo import make_demo_dataset
+    args.data_dir = make_demo_dataset(os.path.join(tmp, "demo"), copies=args.copies)
+    if args.long_side:
+      rescale(args.data_dir, args.split, args.long_side)
+  if args.tokenizer is None:
+    from tests.tiny_clip_tokenizer import make_clip_tokenizer_folder
+    args.tokenizer = make_clip_tokenizer_folder(os.path.join(tmp, "tokenizer"))
+  return (load_clip_tokenizer(args.tokenizer),
+          InpaintingConfig(resolution=512, rca=True, drop_caption_probability=0.1))
+
+
 def add_timing_args(p) -> None:
   p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
   p.add_argument("--batch-size", type=int, default=32)
@@ -80,27 +104,14 @@ def add_timing_args(p) -> None:
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--data-dir")
-  p.add_argument("--tokenizer")
-  p.add_argument("--split", default="train")
+  add_input_args(p)
   add_timing_args(p)
-  p.add_argument("--copies", type=int, default=8)
-  p.add_argument("--long-side", type=int, help="rescale the demo's train images to this longer side")
   args = p.parse_args()
 
-  from idmp_jax.data import InpaintingConfig, InpaintingSource, load_clip_tokenizer
+  from idmp_jax.data import InpaintingSource
 
   tmp = tempfile.mkdtemp(prefix="idmp_bench_")
-  if args.data_dir is None:
-    from data_prep.demo import make_demo_dataset
-    args.data_dir = make_demo_dataset(os.path.join(tmp, "demo"), copies=args.copies)
-    if args.long_side:
-      rescale(args.data_dir, args.split, args.long_side)
-  if args.tokenizer is None:
-    from tests.tiny_clip_tokenizer import make_clip_tokenizer_folder
-    args.tokenizer = make_clip_tokenizer_folder(os.path.join(tmp, "tokenizer"))
-  tokenizer = load_clip_tokenizer(args.tokenizer)
-  config = InpaintingConfig(resolution=512, rca=True, drop_caption_probability=0.1)
+  tokenizer, config = prepare_inputs(args, tmp)
   source = InpaintingSource(args.data_dir, args.split, tokenizer, config, seed=0)
   print(f"{len(source)} {args.split} images in {args.data_dir}; batch {args.batch_size}; cores {os.cpu_count()}")
   for workers in args.workers:

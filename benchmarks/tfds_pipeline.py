@@ -21,36 +21,24 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.data_pipeline import add_timing_args, examples_per_second  # noqa: E402
+from benchmarks.data_pipeline import add_input_args, add_timing_args, examples_per_second, prepare_inputs  # noqa: E402
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--data-dir")
-  p.add_argument("--tokenizer")
+  add_input_args(p)
   p.add_argument("--build-dir", help="an existing build (<out>/idmp_inpainting/<version>) of --data-dir: time "
                  "reading only (for a machine without TensorFlow, which building needs)")
   p.add_argument("--out", help="build-tfds output (default: a temp dir, removed at the end)")
-  p.add_argument("--split", default="train")
   add_timing_args(p)
-  p.add_argument("--copies", type=int, default=8)
-  p.add_argument("--long-side", type=int, help="rescale the demo's train images to this longer side")
   p.add_argument("--build-threads", type=int, help="build-tfds decoding threads (default: its own)")
   args = p.parse_args()
 
-  from idmp_jax.data import InpaintingConfig, InpaintingSource, load_clip_tokenizer
+  from idmp_jax.data import InpaintingSource
   from idmp_jax.data.arrayrecord import ArrayRecordInpaintingSource
 
   tmp = tempfile.mkdtemp(prefix="idmp_tfds_bench_")
-  if args.data_dir is None:
-    from data_prep.demo import make_demo_dataset
-    args.data_dir = make_demo_dataset(os.path.join(tmp, "demo"), copies=args.copies)
-    if args.long_side:
-      from benchmarks.data_pipeline import rescale
-      rescale(args.data_dir, args.split, args.long_side)
-  if args.tokenizer is None:
-    from tests.tiny_clip_tokenizer import make_clip_tokenizer_folder
-    args.tokenizer = make_clip_tokenizer_folder(os.path.join(tmp, "tokenizer"))
+  tokenizer, config = prepare_inputs(args, tmp)
   out = args.out or os.path.join(tmp, "tfds")
 
   if args.build_dir:
@@ -64,8 +52,6 @@ def main():
     print(f"build-tfds: {images} images in {seconds:.2f} s = {1000 * seconds / max(images, 1):.1f} s per 1,000 "
           f"images ({summary['shards_written']} shard(s) written now; cores {os.cpu_count()})", flush=True)
 
-  tokenizer = load_clip_tokenizer(args.tokenizer)
-  config = InpaintingConfig(resolution=512, rca=True, drop_caption_probability=0.1)
   folder = InpaintingSource(args.data_dir, args.split, tokenizer, config, seed=0)
   records = ArrayRecordInpaintingSource(summary["build_dir"], args.split, tokenizer, config, seed=0)
   print(f"{len(folder)} {args.split} images; batch {args.batch_size}; cores {os.cpu_count()}", flush=True)
