@@ -138,7 +138,7 @@ def batch_for(kind, b, res, ucfg, dtype, rng):
               token_region=tr, region_masks=rm)
 
 
-def measure(step, state, frozen, batch, steps: int, b: int):
+def measure(step, state, frozen, batch, steps: int, b: int, profile_dir: str = ""):
   lowered = step.lower(state, frozen, batch)
   t0 = time.perf_counter()
   compiled = lowered.compile()
@@ -159,9 +159,20 @@ def measure(step, state, frozen, batch, steps: int, b: int):
     times.append(time.perf_counter() - t0)
   med = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
-  return dict(compile_s=round(compile_s, 1), step_ms=round(med * 1e3, 2), img_per_s=round(b / med, 1),
-              loss=float(out["loss"]), executable_bytes_gib=None if estimate is None else round(estimate / 2**30, 2),
-              peak_bytes_in_use_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2)), state
+  row = dict(compile_s=round(compile_s, 1), step_ms=round(med * 1e3, 2), img_per_s=round(b / med, 1),
+             loss=float(out["loss"]), executable_bytes_gib=None if estimate is None else round(estimate / 2**30, 2),
+             peak_bytes_in_use_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2))
+  if profile_dir:  # After the timing, so the profiler's overhead is not in it.
+    from benchmarks.profile_summary import profile_steps
+    holder = [state]
+
+    def run_step():
+      holder[0], o = compiled(holder[0], frozen, batch)
+      jax.block_until_ready(o)
+    summary = profile_steps(run_step, 3, os.path.join(profile_dir, f"b{b}"))
+    row["profile"] = {k: summary[k] for k in ("kernel_ms_per_step", "kinds", "trace")}
+    state = holder[0]
+  return row, state
 
 
 def main():
@@ -173,6 +184,8 @@ def main():
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--attention", default="auto")
   ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--profile", default="", help="after timing, profile 3 steps into this folder and sum the "
+                  "device kernels by kind (benchmarks/profile_summary.py)")
   args = ap.parse_args()
   dtype = jnp.dtype(args.dtype)
   res = 64 if args.small else 512
@@ -191,7 +204,8 @@ def main():
       state = diffusion.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(0))
       batch = jax.device_put(batch_for(kind, b, res, ucfg, dtype, rng))
       try:
-        row, state = measure(steps[kind], state, frozen, batch, args.steps, b)
+        row, state = measure(steps[kind], state, frozen, batch, args.steps, b,
+                             os.path.join(args.profile, kind) if args.profile else "")
       except Exception as e:  # e.g. out of memory: report and go on
         row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
       row = dict(kind=kind, batch=b, res=res, rca=True, dtype=str(dtype), remat=args.remat,

@@ -1,0 +1,115 @@
+"""Where a jitted step's device time goes: run it under jax.profiler and sum the kernels of the trace by kind.
+
+  from benchmarks.profile_summary import profile_steps
+  summary = profile_steps(lambda: step(...), steps=3, log_dir="/tmp/prof")   # prints a table, returns a dict
+
+  python benchmarks/profile_summary.py TRACE.json.gz     # the table for a perfetto trace written earlier
+
+The trace is JAX's perfetto export (`create_perfetto_trace=True`): Chrome trace events, one complete event ("ph":
+"X") per kernel on the device's streams (per XLA op on the host for a CPU run). Kernels are put in kinds by name:
+attention (cuDNN flash/SDPA), convolution (cuDNN conv: fprop, dgrad), matmul (cuBLAS/cuBLASLt/nvjet, Triton and
+cutlass GEMMs), copies and collectives, and everything else (XLA's fused elementwise and reduction kernels: norms,
+activations, the optimizer). Times are per step: the trace's total divided by the steps run under it.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+
+KINDS = (  # first match wins; names lower-cased
+    ("attention", re.compile(r"sdpa|flash|fmha|attention|cudnn_generated_fort_native")),
+    ("convolution", re.compile(r"fprop|dgrad|wgrad|implicit_gemm|convolution")),  # not "conv": XLA's "convert"
+    ("matmul", re.compile(r"gemm|nvjet|cublas|cutlass|matmul|dot")),
+    ("copy/collective", re.compile(r"memcpy|memset|copy|nccl|all-reduce|all-gather|transpose")),
+)
+
+
+def kind_of(name: str) -> str:
+  low = name.lower()
+  for kind, pattern in KINDS:
+    if pattern.search(low):
+      return kind
+  return "fusion/other"
+
+
+def load_trace(path: str) -> list[dict]:
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    data = json.load(f)
+  return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def device_events(events: list[dict]) -> list[dict]:
+  """Complete events of the kernels: on a GPU trace the device process's "Stream #..." threads (its "XLA Modules"
+  and "XLA Ops" lines repeat the same time and are left out); on a CPU-only trace the XLA runtime's threads
+  (Python's own thread is left out)."""
+  meta = lambda kind: {(e.get("pid"), e.get("tid")) if kind == "thread_name" else e.get("pid"):
+                       e.get("args", {}).get("name", "") for e in events
+                       if e.get("ph") == "M" and e.get("name") == kind}
+  processes, threads = meta("process_name"), meta("thread_name")
+  gpu = {pid for pid, n in processes.items() if re.search(r"gpu|cuda", n.lower())}
+  if gpu:
+    keep = {k for k, n in threads.items() if k[0] in gpu and "stream" in n.lower()}
+    if not keep:  # Unknown thread naming: every device line except XLA's per-module/per-op summaries.
+      keep = {k for k, n in threads.items() if k[0] in gpu and "xla" not in n.lower()}
+  else:
+    keep = {k for k, n in threads.items() if n != "python"}
+  return [e for e in events if e.get("ph") == "X" and "dur" in e and (e.get("pid"), e.get("tid")) in keep]
+
+
+def summarize(events: list[dict], steps: int, top: int = 20) -> dict:
+  by_name = collections.Counter()
+  count = collections.Counter()
+  for e in device_events(events):
+    by_name[e["name"]] += float(e["dur"])  # microseconds
+    count[e["name"]] += 1
+  total = sum(by_name.values())
+  by_kind = collections.Counter()
+  for name, us in by_name.items():
+    by_kind[kind_of(name)] += us
+  per_step = lambda us: round(us / steps / 1e3, 3)  # ms per step
+  return {
+      "steps": steps, "kernel_ms_per_step": per_step(total),
+      "kinds": {k: {"ms_per_step": per_step(us), "share": round(us / total, 3) if total else 0.0}
+                for k, us in by_kind.most_common()},
+      "top": [{"name": n[:120], "kind": kind_of(n), "ms_per_step": per_step(us), "calls_per_step": count[n] / steps}
+              for n, us in by_name.most_common(top)],
+  }
+
+
+def print_summary(s: dict) -> None:
+  print(f"device kernels: {s['kernel_ms_per_step']} ms per step (sum over kernels; overlap not removed)")
+  for kind, v in s["kinds"].items():
+    print(f"  {kind:16s} {v['ms_per_step']:9.2f} ms  {100 * v['share']:5.1f}%")
+  print("  top kernels:")
+  for t in s["top"]:
+    print(f"    {t['ms_per_step']:8.2f} ms  x{t['calls_per_step']:<6g} {t['kind']:14s} {t['name']}")
+
+
+def find_trace(log_dir: str) -> str:
+  found = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+                 key=os.path.getmtime)
+  if not found:
+    raise FileNotFoundError(f"{log_dir}: no perfetto_trace.json.gz written by jax.profiler")
+  return found[-1]
+
+
+def profile_steps(run_step, steps: int, log_dir: str, top: int = 20) -> dict:
+  """Runs `run_step()` (which must block until its outputs are ready) `steps` times under the profiler."""
+  import jax
+  with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+    for _ in range(steps):
+      run_step()
+  path = find_trace(log_dir)
+  summary = dict(summarize(load_trace(path), steps, top), trace=path)
+  print_summary(summary)
+  return summary
+
+
+if __name__ == "__main__":
+  print_summary(summarize(load_trace(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 1))
