@@ -6,9 +6,10 @@
 Without --data-dir it builds the demo dataset (scikit-image photographs, `--copies` variants per train image;
 `--long-side N` rescales its train images and masks so their longer side is N px, closer to WikiArt's sizes).
 Without --tokenizer it builds a CLIP tokenizer folder from open_clip's vocabulary (tests/tiny_clip_tokenizer.py;
-`pip install --no-deps open-clip-torch`). Each configuration runs `--warmup` batches (worker start-up) and then
-times `--batches` batches; examples/s = batches * batch_size / seconds. The target (issue 4): >= 250 examples/s
-on 16 cores.
+`pip install --no-deps open-clip-torch`). Each configuration runs `--warmup` batches (worker start-up; by
+default workers + 2) and then times `--batches` batches; examples/s = batches * batch_size / seconds. Runs of a
+few seconds swing by up to 2x on the 16-core machine (2026-12-02): time 200+ batches there. Between
+configurations the workers are killed (`stop_loader`). The target (issue 4): >= 250 examples/s on 16 cores.
 """
 from __future__ import annotations
 
@@ -54,19 +55,42 @@ def examples_per_second(source, workers: int, args) -> tuple[float, float]:
   loader = make_loader(source, batch_size=args.batch_size, seed=0, num_epochs=None, worker_count=workers,
                        worker_buffer_size=args.buffer, shard_options=grain.sharding.NoSharding(),
                        drop_remainder=True, transform=transform)
+  # Each worker reads up to a batch ahead (make_loader's read-ahead) plus its output buffer: the first batches
+  # after start-up come partly from those buffers, so the warm-up drains them before the clock starts.
+  warmup = args.warmup if args.warmup is not None else workers + 2
   it = iter(loader)
   try:
-    for _ in range(args.warmup):
+    for _ in range(warmup):
       next(it)
     start = time.perf_counter()
     for _ in range(args.batches):
       batch = next(it)
     seconds = time.perf_counter() - start
   finally:
-    if hasattr(it, "close"):
-      it.close()
+    stop_loader(it)
   assert batch["pixel_values"].shape == (args.batch_size, 512, 512, 3)
   return args.batches * args.batch_size / seconds, seconds
+
+
+def stop_loader(it) -> None:
+  """Kills a loader's worker processes at once, then closes it. Grain's own close stops workers one after the
+  other, joining each for up to 25 s: with 16 workers stopped mid-stream that outlasts the measurement, and its
+  work would run on the cores while the next loader is timed."""
+  import multiprocessing
+  for child in multiprocessing.active_children():
+    child.kill()
+    child.join()
+  if hasattr(it, "close"):
+    it.close()
+
+
+def finish() -> None:
+  """Exits without waiting on worker processes (none should be left after stop_loader)."""
+  import multiprocessing
+  for child in multiprocessing.active_children():
+    child.kill()
+  sys.stdout.flush()
+  os._exit(0)
 
 
 def add_input_args(p) -> None:
@@ -97,9 +121,18 @@ def add_timing_args(p) -> None:
   p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
   p.add_argument("--batch-size", type=int, default=32)
   p.add_argument("--batches", type=int, default=8)
-  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--warmup", type=int, default=None,
+                 help="batches before the clock starts (default: workers + 2, enough to drain the read-ahead)")
   p.add_argument("--buffer", type=int, default=2, help="per-worker buffer (batches)")
   p.add_argument("--raw", action="store_true", help="time the examples as built, not as training ships them")
+  p.add_argument("--watchdog", type=float, default=0,
+                 help="every this many seconds, print every thread's stack to stderr (diagnoses a stall; 0 = off)")
+
+
+def start_watchdog(args) -> None:
+  if args.watchdog > 0:
+    import faulthandler
+    faulthandler.dump_traceback_later(args.watchdog, repeat=True)
 
 
 def main():
@@ -107,6 +140,7 @@ def main():
   add_input_args(p)
   add_timing_args(p)
   args = p.parse_args()
+  start_watchdog(args)
 
   from idmp_jax.data import InpaintingSource
 
@@ -119,6 +153,7 @@ def main():
     print(f"workers={workers:3d}: {eps:8.1f} examples/s ({args.batches} batches in {seconds:.2f} s; "
           f"{'raw examples' if args.raw else 'as training ships them (compact)'})", flush=True)
   shutil.rmtree(tmp, ignore_errors=True)
+  finish()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.data_pipeline import add_input_args, add_timing_args, examples_per_second, prepare_inputs  # noqa: E402
+from benchmarks.data_pipeline import (add_input_args, add_timing_args, examples_per_second,  # noqa: E402
+                                      finish, prepare_inputs, start_watchdog)
 
 
 def main():
@@ -31,8 +32,10 @@ def main():
                  "reading only (for a machine without TensorFlow, which building needs)")
   p.add_argument("--out", help="build-tfds output (default: a temp dir, removed at the end)")
   add_timing_args(p)
+  p.add_argument("--rounds", type=int, default=1, help="folder-then-ArrayRecord measurements per worker count")
   p.add_argument("--build-threads", type=int, help="build-tfds decoding threads (default: its own)")
   args = p.parse_args()
+  start_watchdog(args)
 
   from idmp_jax.data import InpaintingSource
   from idmp_jax.data.arrayrecord import ArrayRecordInpaintingSource
@@ -52,15 +55,18 @@ def main():
     print(f"build-tfds: {images} images in {seconds:.2f} s = {1000 * seconds / max(images, 1):.1f} s per 1,000 "
           f"images ({summary['shards_written']} shard(s) written now; cores {os.cpu_count()})", flush=True)
 
+  print(f"opening the sources ({args.data_dir}, {summary['build_dir']})", flush=True)
   folder = InpaintingSource(args.data_dir, args.split, tokenizer, config, seed=0)
   records = ArrayRecordInpaintingSource(summary["build_dir"], args.split, tokenizer, config, seed=0)
   print(f"{len(folder)} {args.split} images; batch {args.batch_size}; cores {os.cpu_count()}", flush=True)
   for workers in args.workers:
-    a, _ = examples_per_second(folder, workers, args)
-    b, _ = examples_per_second(records, workers, args)
-    print(f"workers={workers:3d}: folder {a:8.1f} examples/s, array_record {b:8.1f} examples/s, "
-          f"ratio {b / a:.2f}", flush=True)
+    for r in range(args.rounds):  # Alternating rounds: a drift in the machine's speed hits both sources.
+      a, _ = examples_per_second(folder, workers, args)
+      b, _ = examples_per_second(records, workers, args)
+      print(f"workers={workers:3d}{f' round {r + 1}' if args.rounds > 1 else ''}: folder {a:8.1f} examples/s, "
+            f"array_record {b:8.1f} examples/s, ratio {b / a:.2f}", flush=True)
   shutil.rmtree(tmp, ignore_errors=True)
+  finish()
 
 
 if __name__ == "__main__":
