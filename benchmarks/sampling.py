@@ -1,6 +1,6 @@
 """50-step multi-mask inpainting at 512 px with CFG, batch 8, bf16, full SD-2 inpainting shapes, random weights:
 seconds per image for our jitted sampler (RCA on and off) and, with --torch, diffusers' PyTorch pipeline (fp16, stock
-attention) built from the same shapes in the same run.
+attention) on the same weights (written as diffusers/transformers folders, fp16) in the same run.
 
   python benchmarks/sampling.py [--batch 8] [--steps 50] [--torch] [--small]
 """
@@ -11,6 +11,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,9 +46,16 @@ def build(small: bool):
       unet=unet.abstract_params(ucfg),
       vae=jax.eval_shape(lambda: vae.AutoencoderKL(vcfg).init(key, jnp.zeros((1, 16, 16, 3))))["params"],
       text=jax.eval_shape(lambda: clip.CLIPTextTransformer(tcfg).init(key, jnp.zeros((1, 77), jnp.int32)))["params"])
-  params = {name: jax.device_put(train_tiny.random_params(tree, seed)) for seed, (name, tree) in
-            enumerate(abstract.items())}
-  return sampling.Models(ucfg, vcfg, tcfg, dict(tiny.SD2_SCHEDULER)), params
+  host = {name: train_tiny.random_params(tree, seed) for seed, (name, tree) in enumerate(abstract.items())}
+  return sampling.Models(ucfg, vcfg, tcfg, dict(tiny.SD2_SCHEDULER)), host
+
+
+def write_torch_folders(models: sampling.Models, host: dict, folder: str, dtype) -> str:
+  """The same weights as diffusers/transformers folders, for --torch."""
+  unet.save_pretrained(os.path.join(folder, "unet"), models.unet, host["unet"], dtype=dtype)
+  vae.save_vae(os.path.join(folder, "vae"), models.vae, host["vae"], dtype=dtype)
+  clip.save_text_encoder(os.path.join(folder, "text_encoder"), models.text, host["text"], dtype=dtype)
+  return folder
 
 
 def main():
@@ -63,8 +71,8 @@ def main():
   if args.small:
     args.size, args.steps, args.batch, args.iters = 64, 3, 2, 1
   t0 = time.perf_counter()
-  models, params = build(args.small)
-  params = jax.block_until_ready(sampling.cast_params(params, jnp.bfloat16))
+  models, host = build(args.small)
+  params = jax.block_until_ready(sampling.cast_params(jax.device_put(host), jnp.bfloat16))
   print(f"random params on {jax.devices()[0].device_kind} in {time.perf_counter() - t0:.1f} s", flush=True)
   rng = np.random.default_rng(0)
   b, s = args.batch, args.size
@@ -99,7 +107,10 @@ def main():
   if args.torch:
     del params
     try:
-      results.append(bench_torch(args))
+      with tempfile.TemporaryDirectory(prefix="idmp_sampling_torch_") as folder:
+        # fp16 weights for the fp16 pipeline; fp32 for the CPU smoke test (--small).
+        dtype = np.float32 if args.small else np.float16
+        results.append(bench_torch(args, write_torch_folders(models, host, folder, dtype)))
     except Exception as e:
       print(f"torch FAILED: {type(e).__name__}: {e}", flush=True)
   summary = dict(device=jax.devices()[0].device_kind, results=results, date=time.strftime("%Y-%m-%d"))
@@ -108,20 +119,17 @@ def main():
   print(json.dumps(summary))
 
 
-def bench_torch(args):
+def bench_torch(args, folder: str):
+  """diffusers' pipeline on our weights (`folder` from write_torch_folders)."""
   import torch
   from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-  from transformers import CLIPTextConfig, CLIPTextModel
+  from transformers import CLIPTextModel
   torch.manual_seed(0)
   # CPU (fp32) only to smoke-test this function with --small; the reported figure is CUDA fp16.
   dev, dt = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
-  ucfg, vcfg, tcfg = ((tiny.TINY_UNET, tiny.TINY_VAE, dict(hidden_size=tiny.TINY_UNET["cross_attention_dim"],
-                                                              **tiny.TINY_TEXT))
-                      if args.small else (unet.UNetConfig().to_dict(), SD2_VAE, SD2_TEXT))
-  with torch.device(dev):
-    u = UNet2DConditionModel(**{k: v for k, v in ucfg.items() if not k.startswith("_")})
-    v = AutoencoderKL(**{k: x for k, x in vcfg.items() if not k.startswith("_")})
-    t = CLIPTextModel(CLIPTextConfig(**tcfg))
+  u = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), torch_dtype=dt)
+  v = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), torch_dtype=dt)
+  t = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), torch_dtype=dt)
   pipe = StableDiffusionInpaintPipeline(vae=v, text_encoder=t, tokenizer=None, unet=u,
                                         scheduler=PNDMScheduler(**{k: x for k, x in tiny.SD2_SCHEDULER.items()
                                                                    if not k.startswith("_") and k != "clip_sample"}),
