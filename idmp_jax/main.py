@@ -11,7 +11,23 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (configs
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Where the job writes (checkpoints, logs, outputs). "
                     "Default: workdir/<config.name or config.task>.")
+flags.DEFINE_string(
+    "compilation_cache",
+    os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "idmp_jax", "xla"),
+    "JAX's persistent compilation cache: compiled steps (and GPU autotuning) are kept here, so a restarted job or "
+    "app skips compiles of a minute or more. '' turns it off. Keep it private: its files are trusted code.")
 flags.mark_flags_as_required(["config"])
+
+
+def enable_compilation_cache(path: str) -> None:
+  """Turns on JAX's persistent compilation cache in `path` (nothing when empty); call before the first compile.
+  JAX writes only programs that took at least `jax_persistent_cache_min_compile_time_secs` (1 s) to compile."""
+  if not path:
+    return
+  import jax
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
 
 
 def main(argv):
@@ -22,6 +38,7 @@ def main(argv):
   from idmp_jax import parallel, tasks
 
   config = FLAGS.config
+  enable_compilation_cache(FLAGS.compilation_cache)
   parallel.initialize_distributed(config)
   task = tasks.get(config.task)  # Fails on an unknown task before any device work.
   workdir = FLAGS.workdir or os.path.join("workdir", config.get("name", config.task))
