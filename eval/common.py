@@ -94,3 +94,18 @@ def pick_device(name: str | None) -> str:
   if name:
     return name
   return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cli_main(name: str, parse_args, run, argv=None) -> int:
+  """A metric command's main: the markdown table on stdout, exit 0; an unusable input named on stderr, exit 2."""
+  import sys
+
+  from idmp_jax.data import files
+  args = parse_args(argv)
+  try:
+    result = run(args)
+  except (ModelFileError, FileNotFoundError, ValueError, files.BadExampleError) as e:
+    print(f"{name}: {e}", file=sys.stderr)
+    return 2
+  sys.stdout.write(result["markdown"])
+  return 0

@@ -440,14 +440,7 @@ def _read_ahead(pool, loader, batches, depth: int = 2):
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
-  try:
-    result = run(args)
-  except (common.ModelFileError, FileNotFoundError, ValueError, files.BadExampleError) as e:
-    print(f"eval inpainting: {e}", file=sys.stderr)
-    return 2
-  sys.stdout.write(result["markdown"])
-  return 0
+  return common.cli_main("eval inpainting", parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -229,14 +229,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-  args = parse_args(argv)
-  try:
-    result = run(args)
-  except (common.ModelFileError, FileNotFoundError, ValueError, files.BadExampleError) as e:
-    print(f"eval prompts: {e}", file=sys.stderr)
-    return 2
-  sys.stdout.write(result["markdown"])
-  return 0
+  return common.cli_main("eval prompts", parse_args, run, argv)
 
 
 if __name__ == "__main__":
