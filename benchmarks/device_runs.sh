@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU measurements still open (BENCHMARKS.md, "Not measured yet"), as this workplace's device tool runs them:
+# few, full calls, each step in its own time box, logs under $OUT.
+#
+#   bash benchmarks/device_runs.sh prepare     # here, on the CPU machine: wheels and inputs into .whl/ and .bench/
+#   bash benchmarks/device_runs.sh unet        # on the GPU machine (carry .whl): UNet forward, train step b16, full
+#   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): LoRA b2/b4, sampling on our weights
+#   bash benchmarks/device_runs.sh data        # on the GPU machine (carry .whl and .bench): folder vs ArrayRecord
+#
+# .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+step="${1:?usage: device_runs.sh prepare|unet|llava|data}"
+
+wheels() {  # The GPU image lacks these (device README); its python is 3.12.
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+}
+
+boxed() {  # boxed SECONDS NAME command...: one step, stack dump on timeout, log to $OUT/NAME.log
+  local seconds=$1 name=$2
+  shift 2
+  date -u
+  PYTHONUNBUFFERED=1 timeout -s ABRT "$seconds" "$@" 2>&1 | tee "${OUT:-/tmp}/$name.log"
+}
+
+case "$step" in
+  prepare)
+    mkdir -p .whl .bench
+    for p in diffusers==0.42.1 ml_collections==1.1.0 grain==0.2.18 array_record==0.8.6 portpicker clu==0.0.12; do
+      python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl "$p"
+    done
+    python -m data_prep make-demo-dataset --out-dir .bench/demo --copies 24
+    python -c "from tests.tiny_clip_tokenizer import make_clip_tokenizer_folder as m; m('.bench/tokenizer')"
+    rm -rf .bench/demo1024 && cp -r .bench/demo .bench/demo1024
+    python -c "from benchmarks.data_pipeline import rescale; rescale('.bench/demo1024/mm_inp_dataset', 'train', 1024)"
+    python -m data_prep build-tfds --data-dir .bench/demo/mm_inp_dataset --out .bench/tfds
+    python -m data_prep build-tfds --data-dir .bench/demo1024/mm_inp_dataset --out .bench/tfds1024
+    du -sh .whl .bench ;;
+  unet)  # ~8 min on an H200
+    wheels || exit 1
+    boxed 150 unet_forward python3 -X faulthandler benchmarks/unet_forward.py --batches 8,16 --impls cudnn --torch
+    XLA_FLAGS=--xla_gpu_autotune_level=2 boxed 300 train_step \
+      python3 -X faulthandler benchmarks/train_step.py --kind both --batch 16 ;;
+  llava)  # ~9 min on an H200
+    wheels || exit 1
+    boxed 360 llava_lora python3 -X faulthandler benchmarks/llava.py --batches '' --lora-batches 2,4
+    boxed 200 sampling python3 -X faulthandler benchmarks/sampling.py --torch ;;
+  data)  # ~4 min
+    wheels || exit 1
+    for size in "" 1024; do
+      boxed 150 "tfds$size" python3 -X faulthandler benchmarks/tfds_pipeline.py \
+        --data-dir ".bench/demo$size/mm_inp_dataset" --tokenizer .bench/tokenizer \
+        --build-dir ".bench/tfds$size/idmp_inpainting/1.0.0" --workers 16 --batches 150 --rounds 2 --watchdog 120
+    done ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
