@@ -41,6 +41,7 @@ import numpy as np
 from idmp_jax.models import clip, generation, llama, lora
 from idmp_jax.train import optimizer as optim, promptgen, state as train_state
 from idmp_jax.models import llava_next as ln
+from benchmarks.profile_summary import executable_gib, peak_memory_gib
 
 # Datasheet HBM bandwidth by card (BASELINES.md's ceiling uses the H100's).
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
@@ -96,20 +97,6 @@ def make_inputs(config: ln.LlavaNextConfig, batch: int, image_px: int, rng):
           "attention_mask": jnp.ones((batch, len(seq)), jnp.int32),
           "pixel_values": jnp.asarray(pix, jnp.bfloat16),
           "feature_index": jnp.asarray(ln.image_feature_index([size] * batch, config))}
-
-
-def executable_gib(compiled) -> float | None:
-  """XLA's own memory estimate of one compiled step (arguments + outputs + temporaries - donated): the step's
-  footprint by itself, which the process-wide peak (monotone over the whole run) cannot isolate."""
-  m = compiled.memory_analysis()
-  if m is None:
-    return None
-  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2 ** 30
-
-
-def peak_memory_gib() -> float | None:
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("peak_bytes_in_use", 0) / 2 ** 30 if stats else None
 
 
 def bench_generation(args, config, params, results):

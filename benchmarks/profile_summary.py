@@ -1,4 +1,5 @@
-"""Where a jitted step's device time goes: run it under jax.profiler and sum the kernels of the trace by kind.
+"""Where a jitted step's device time and memory go: run it under jax.profiler and sum the kernels of the trace by
+kind; the compiled step's own memory estimate and the process's peak (`executable_gib`, `peak_memory_gib`).
 
   from benchmarks.profile_summary import profile_steps
   summary = profile_steps(lambda: step(...), steps=3, log_dir="/tmp/prof")   # prints a table, returns a dict
@@ -27,6 +28,22 @@ KINDS = (  # first match wins; names lower-cased
     ("matmul", re.compile(r"gemm|nvjet|cublas|cutlass|matmul|dot")),
     ("copy/collective", re.compile(r"memcpy|memset|copy|nccl|all-reduce|all-gather|transpose")),
 )
+
+
+def executable_gib(compiled) -> float | None:
+  """XLA's memory estimate of one compiled step (arguments + outputs + temporaries - donated): the step's own
+  footprint, which the process-wide peak (monotone over a run) cannot isolate."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2 ** 30
+
+
+def peak_memory_gib() -> float | None:
+  """The device's peak bytes in use so far in this process (None where the backend keeps no statistics)."""
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use", 0) / 2 ** 30 if stats else None
 
 
 def kind_of(name: str) -> str:

@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 from idmp_jax import schedulers  # noqa: E402
 from idmp_jax.models import clip, lora, unet, vae  # noqa: E402
 from idmp_jax.train import diffusion, optimizer as optim, tiny  # noqa: E402
+from benchmarks.profile_summary import executable_gib, peak_memory_gib, profile_steps  # noqa: E402
 
 SD2_UNET = dict(
     in_channels=9, out_channels=4, sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
@@ -143,11 +144,7 @@ def measure(step, state, frozen, batch, steps: int, b: int, profile_dir: str = "
   t0 = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  estimate = None
-  if mem is not None:
-    estimate = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                - mem.alias_size_in_bytes)
+  estimate = executable_gib(compiled)
   for _ in range(3):
     state, out = compiled(state, frozen, batch)
   jax.block_until_ready(out)
@@ -158,12 +155,11 @@ def measure(step, state, frozen, batch, steps: int, b: int, profile_dir: str = "
     jax.block_until_ready(out)
     times.append(time.perf_counter() - t0)
   med = statistics.median(times)
-  stats = jax.devices()[0].memory_stats() or {}
+  peak = peak_memory_gib()
   row = dict(compile_s=round(compile_s, 1), step_ms=round(med * 1e3, 2), img_per_s=round(b / med, 1),
-             loss=float(out["loss"]), executable_bytes_gib=None if estimate is None else round(estimate / 2**30, 2),
-             peak_bytes_in_use_gib=round(stats.get("peak_bytes_in_use", 0) / 2**30, 2))
+             loss=float(out["loss"]), executable_bytes_gib=None if estimate is None else round(estimate, 2),
+             peak_bytes_in_use_gib=round(peak or 0.0, 2))
   if profile_dir:  # After the timing, so the profiler's overhead is not in it.
-    from benchmarks.profile_summary import profile_steps
     holder = [state]
 
     def run_step():
