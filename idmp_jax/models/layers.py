@@ -6,6 +6,7 @@ PyTorch counterpart converts by rename alone.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -63,27 +64,88 @@ class Conv2d(nn.Module):
     return y
 
 
+def _normalize_fwd_stats(xf, axes, eps):
+  # Two passes (mean, then the mean of squared deviations): the forward's numerics are the reference's.
+  mean = xf.mean(axis=axes, keepdims=True)
+  var = jnp.square(xf - mean).mean(axis=axes, keepdims=True)
+  return mean, jax.lax.rsqrt(var + eps)
+
+
+def _affine_act(xhat, scale, bias, silu: bool, dtype):
+  y = xhat
+  if scale is not None:
+    y = y * scale
+  if bias is not None:
+    y = y + bias
+  y = y.astype(dtype)
+  return (y, nn.silu(y)) if silu else (y, y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def normalize(x, scale, bias, axes: tuple, eps: float, silu: bool, dtype):
+  """((x - mean) * rsqrt(var + eps) * scale + bias).astype(dtype), then SiLU if `silu` (in `dtype`, as
+  `nn.silu(GroupNorm(...)(x))` computes it); statistics in fp32 over `axes` of x; scale/bias (or None)
+  broadcast against x's trailing axes. GroupNorm and LayerNorm are this over different axes.
+
+  Why a custom VJP: autodiff of the two-pass statistics keeps fp32 copies of (x - mean) for the backward and
+  spreads it over several reduction kernels; here the backward keeps only x (in its own dtype) and the (mean,
+  rstd) per group, recomputes x-hat, and takes one fused reduction pass (the two group means below) and one
+  elementwise pass. Same gradient (tests/test_layers.py checks it against autodiff)."""
+  mean, rstd = _normalize_fwd_stats(x.astype(jnp.float32), axes, eps)
+  return _affine_act((x.astype(jnp.float32) - mean) * rstd, scale, bias, silu, dtype)[1]
+
+
+def _normalize_fwd(x, scale, bias, axes, eps, silu, dtype):
+  mean, rstd = _normalize_fwd_stats(x.astype(jnp.float32), axes, eps)
+  out = _affine_act((x.astype(jnp.float32) - mean) * rstd, scale, bias, silu, dtype)[1]
+  return out, (x, scale, bias, mean, rstd)
+
+
+def _normalize_bwd(axes, eps, silu, dtype, res, g):
+  x, scale, bias, mean, rstd = res
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  dy = g.astype(jnp.float32)
+  if silu:  # d silu(y) / dy = s (1 + y (1 - s)), at the y the forward fed SiLU (rounded to dtype).
+    y = _affine_act(xhat, scale, bias, False, dtype)[0].astype(jnp.float32)
+    s = jax.nn.sigmoid(y)
+    dy = dy * (s * (1.0 + y * (1.0 - s)))
+  lead = lambda p: tuple(range(x.ndim - p.ndim))  # The axes a trailing-aligned scale/bias broadcasts over.
+  dscale = None if scale is None else jnp.sum(dy * xhat, axis=lead(scale)).astype(scale.dtype)
+  dbias = None if bias is None else jnp.sum(dy, axis=lead(bias)).astype(bias.dtype)
+  dxhat = dy if scale is None else dy * scale.astype(jnp.float32)
+  m1 = dxhat.mean(axis=axes, keepdims=True)
+  m2 = (dxhat * xhat).mean(axis=axes, keepdims=True)
+  dx = rstd * (dxhat - m1 - xhat * m2)
+  return dx.astype(x.dtype), dscale, dbias
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
 class GroupNorm(nn.Module):
-  """torch.nn.GroupNorm on channels-last inputs; statistics in fp32 whatever the compute dtype."""
+  """torch.nn.GroupNorm on channels-last inputs; statistics in fp32 whatever the compute dtype. `activation`
+  "silu" applies SiLU after it inside the same op (the resnet pattern), so the backward is one fused op too."""
   num_groups: int = 32
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  activation: str | None = None
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
     if c % self.num_groups:
       raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
+    if self.activation not in (None, "silu"):
+      raise ValueError(f"GroupNorm: activation must be None or 'silu', got {self.activation!r}")
+    g, cg = self.num_groups, c // self.num_groups
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
     shape = x.shape
-    xg = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
-    mean = xg.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(xg - mean).mean(axis=(1, 3), keepdims=True)
-    xg = (xg - mean) * jax.lax.rsqrt(var + self.epsilon)
-    y = xg.reshape(shape) * scale + bias
-    return y.astype(self.dtype)
+    xg = x.reshape(shape[0], -1, g, cg)
+    y = normalize(xg, scale.reshape(g, cg), bias.reshape(g, cg), (1, 3), self.epsilon,
+                  self.activation == "silu", self.dtype)
+    return y.reshape(shape)
 
 
 class LayerNorm(nn.Module):
@@ -97,15 +159,9 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
-    if self.use_scale:
-      y = y * self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    return y.astype(self.dtype)
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype) if self.use_scale else None
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype) if self.use_bias else None
+    return normalize(x, scale, bias, (x.ndim - 1,), self.epsilon, False, self.dtype)
 
 
 def upsample_nearest_2x(x):

@@ -158,11 +158,11 @@ class ResnetBlock2D(nn.Module):
 
   @nn.compact
   def __call__(self, x, temb):
-    h = nn.silu(GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm1")(x))
+    h = GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm1", activation="silu")(x)
     h = Conv2d(self.out_channels, dtype=self.dtype, name="conv1")(h)
     t = Linear(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
     h = h + t[:, None, None, :]
-    h = nn.silu(GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm2")(h))
+    h = GroupNorm(self.groups, self.eps, dtype=self.dtype, name="norm2", activation="silu")(h)
     h = Conv2d(self.out_channels, dtype=self.dtype, name="conv2")(h)
     if x.shape[-1] != self.out_channels:
       x = Conv2d(self.out_channels, kernel_size=1, padding=0, dtype=self.dtype, name="conv_shortcut")(x)
@@ -376,7 +376,8 @@ class UNet2DConditionModel(nn.Module):
                    heads=cfg.heads[k] if cross else None, transformer_layers=cfg.transformer_layers_per_block[k],
                    add_sampler=i < n - 1, name=f"up_blocks_{i}")(x, temb, context, rca, block_skips, up_size)
 
-    x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype, name="conv_norm_out")(x))
+    x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype, name="conv_norm_out",
+                  activation="silu")(x)
     return Conv2d(cfg.out_channels, dtype=self.dtype, name="conv_out")(x).astype(jnp.float32)
 
 

@@ -119,9 +119,9 @@ class ResnetBlock2D(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = nn.silu(GroupNorm(self.groups, _EPS, dtype=self.dtype, name="norm1")(x))
+    h = GroupNorm(self.groups, _EPS, dtype=self.dtype, name="norm1", activation="silu")(x)
     h = Conv2d(self.out_channels, dtype=self.dtype, name="conv1")(h)
-    h = nn.silu(GroupNorm(self.groups, _EPS, dtype=self.dtype, name="norm2")(h))
+    h = GroupNorm(self.groups, _EPS, dtype=self.dtype, name="norm2", activation="silu")(h)
     h = Conv2d(self.out_channels, dtype=self.dtype, name="conv2")(h)  # Dropout 0 (inference).
     if x.shape[-1] != self.out_channels:
       x = Conv2d(self.out_channels, kernel_size=1, padding=0, dtype=self.dtype, name="conv_shortcut")(x)
@@ -225,7 +225,7 @@ class Encoder(nn.Module):
     for i, ch in enumerate(chans):
       x = DownEncoderBlock2D(ch, c.layers_per_block, g, i < len(chans) - 1, self.dtype, name=f"down_blocks_{i}")(x)
     x = MidBlock(c, self.dtype, self.attention_impl, name="mid_block")(x)
-    x = nn.silu(GroupNorm(g, _EPS, dtype=self.dtype, name="conv_norm_out")(x))
+    x = GroupNorm(g, _EPS, dtype=self.dtype, name="conv_norm_out", activation="silu")(x)
     return Conv2d(2 * c.latent_channels, dtype=self.dtype, name="conv_out")(x)  # double_z.
 
 
@@ -242,7 +242,7 @@ class Decoder(nn.Module):
     x = MidBlock(c, self.dtype, self.attention_impl, name="mid_block")(x)
     for i, ch in enumerate(chans):
       x = UpDecoderBlock2D(ch, c.layers_per_block + 1, g, i < len(chans) - 1, self.dtype, name=f"up_blocks_{i}")(x)
-    x = nn.silu(GroupNorm(g, _EPS, dtype=self.dtype, name="conv_norm_out")(x))
+    x = GroupNorm(g, _EPS, dtype=self.dtype, name="conv_norm_out", activation="silu")(x)
     return Conv2d(c.out_channels, dtype=self.dtype, name="conv_out")(x)
 
 
