@@ -11,7 +11,8 @@ text tokens = a 3024-token prompt, the same prompt in every row; greedy, no EOS,
 Reported: decode new tokens/s (the steady state the BASELINES ceiling speaks of: weights read once per step),
 end-to-end new tokens/s (prefill included, what transformers' generate was timed at), the weights-only
 bandwidth bound (datasheet HBM bandwidth: H100 3.35, H200 4.8 TB/s) and the fraction of it reached, and peak
-device memory. Note the KV cache a step also reads: 1.6 GB per row at 3064 tokens (6.4 GB at batch 4).
+device memory. Note the KV cache a step also reads: 1.6 GB per row at 3064 tokens (6.4 GB at batch 4; half with
+--kv-cache int8).
 The decoder prefill runs --prefill-rows rows at a time (batch 32 does not fit in 80 GB otherwise).
 LoRA training step (--lora-batches): promptgen_train's own step (idmp_jax.train.promptgen.make_train_step with
 the job's LoRA recipe and optimizer: r16/alpha16/dropout 0.05 on q/k/v/o/gate/up/down of the decoder, AdamW,
@@ -107,11 +108,12 @@ def bench_generation(args, config, params, results):
   for batch in args.batches:
     inputs = make_inputs(config, batch, args.image, rng)
     seq_len = int(inputs["input_ids"].shape[1])
-    tc = config.text_config  # The KV cache a decode step reads: k and v, every layer, prompt + new tokens, bf16.
-    cache_bytes = 2 * tc.num_hidden_layers * batch * tc.num_key_value_heads * tc.head_dim * (seq_len + args.new_tokens) * 2
+    tc = config.text_config  # The KV cache a decode step reads: k and v, every layer, prompt + new tokens.
+    vectors = 2 * tc.num_hidden_layers * batch * tc.num_key_value_heads * (seq_len + args.new_tokens)
+    cache_bytes = vectors * (tc.head_dim + 4 if args.kv_cache == "int8" else tc.head_dim * 2)  # int8: + fp32 scale
     gen = generation.Generator(model, generation.GenerationConfig(
         max_new_tokens=args.new_tokens, pad_token_id=0, chunk_size=args.new_tokens,
-        prefill_rows=math.gcd(batch, args.prefill_rows or batch)))
+        prefill_rows=math.gcd(batch, args.prefill_rows or batch)), cache_dtype=args.kv_cache or None)
     try:
       t0 = time.perf_counter()
       tokens, _ = gen(params, inputs)  # Warm-up: compiles prefill and decode for this shape.
@@ -140,7 +142,8 @@ def bench_generation(args, config, params, results):
         "decode_new_tokens_per_s": batch * steps / d, "end_to_end_new_tokens_per_s": batch * args.new_tokens / (p + d),
         "weights_only_bound_tokens_per_s": batch / step_floor, "fraction_of_bound": step_floor / (d / steps),
         "weights_and_cache_bound_tokens_per_s": batch / (step_floor + cache_bytes / hbm_bytes_per_s()),
-        "lm_weight_gb": lm_bytes / 1e9, "warmup_s": compile_s, "peak_gib": peak_memory_gib(),
+        "lm_weight_gb": lm_bytes / 1e9, "kv_cache": args.kv_cache or "bf16", "cache_gb": cache_bytes / 1e9,
+        "weights": args.quantize or "bf16", "warmup_s": compile_s, "peak_gib": peak_memory_gib(),
         "first_tokens": tokens[0, :8].tolist(),
     }
     results.append(row)
@@ -229,6 +232,8 @@ def main():
   parser.add_argument("--quantize", default="", choices=("", "int8"),
                       help="generation with the decoder's Linear kernels per-channel int8 (models/quantize.py): "
                            "half the weight bytes a decode step reads")
+  parser.add_argument("--kv-cache", default="", choices=("", "int8"),
+                      help="generation with an int8 KV cache (one fp32 scale per cached vector; llama.init_cache)")
   parser.add_argument("--explicit-mask", action="store_true",
                       help="LoRA step: attention with a (T, T) mask tensor instead of plain causal (right padding)")
   parser.add_argument("--layers", type=int, default=0, help="override the decoder depth (quick experiments)")
@@ -262,7 +267,7 @@ def main():
   del gen_params
   bench_lora(args, config, params, results)
   print(f"\n{'batch':>5} {'prompt':>6} {'prefill s':>9} {'ms/step':>8} {'decode tok/s':>12} {'e2e tok/s':>9} "
-        f"{'bound':>7} {'frac':>5} {'peak GiB':>8}")
+        f"{'w+c bound':>9} {'frac':>5} {'peak GiB':>8}")
   for r in results:
     if r["bench"] != "generate":
       continue
@@ -272,7 +277,8 @@ def main():
     peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
     print(f"{r['batch']:>5} {r['prompt_tokens']:>6} {r['prefill_s']:>9.3f} {r['decode_ms_per_step']:>8.2f} "
           f"{r['decode_new_tokens_per_s']:>12.0f} {r['end_to_end_new_tokens_per_s']:>9.0f} "
-          f"{r['weights_only_bound_tokens_per_s']:>7.0f} {r['fraction_of_bound']:>5.2f} {peak:>8}")
+          f"{r['weights_and_cache_bound_tokens_per_s']:>9.0f} "
+          f"{r['decode_new_tokens_per_s'] / r['weights_and_cache_bound_tokens_per_s']:>5.2f} {peak:>8}")
   lora_rows = [r for r in results if r["bench"] == "lora_step"]
   if lora_rows:
     print(f"\n{'LoRA b':>6} {'remat':>5} {'step s':>7} {'tok/s':>7} {'exe GiB':>8} {'peak GiB':>8} "

@@ -280,6 +280,10 @@ def test_bad_example_and_adapter_fail_before_compute(demo_copy, tiny_dir, mesh, 
   with pytest.raises(ValueError, match=re.escape(mask)):
     pg.run(c, str(tmp_path / "w1"), mesh)
   assert not os.path.exists(tmp_path / "w1" / "predictions")
+  c.kv_cache = "fp8"
+  with pytest.raises(ValueError, match="config.kv_cache"):
+    pg.run(c, str(tmp_path / "w1"), mesh)
+  c.kv_cache = ""
   c.require_adapter = True
   with pytest.raises(ValueError, match="adapter"):
     pg.run(c, str(tmp_path / "w2"), mesh)

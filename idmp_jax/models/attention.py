@@ -66,6 +66,30 @@ def dot_product_attention(q, k, v, *, mask=None, scale: Optional[float] = None, 
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
+def decode_attention_int8(q, k, v, k_scale, v_scale, *, mask=None, scale: Optional[float] = None):
+  """One query per row over an int8 KV cache (`idmp_jax.models.quantize.quantize_vectors` per cached vector).
+
+  q: (B, 1, N, H); k, v: (B, Nk, S, H) int8, heads-major as the cache keeps them (Nk divides N: grouped-query
+  heads share kv head n // (N / Nk), as transformers' repeat_kv); k_scale, v_scale: (B, Nk, S); mask: boolean,
+  broadcastable to (B, 1, 1, S). Equals `dot_product_attention` on the dequantised k and v, but the scales are
+  applied to the logits (per key) and to the probabilities (per value) instead of to the cache, and both
+  contractions are written as multiply-and-reduce: XLA fuses the int8 -> fp32 convert into each reduction, so
+  the cache is read once, as int8, and no dequantised copy is written.
+  """
+  b, _, n, h = q.shape
+  nk, s = k.shape[1], k.shape[2]
+  scale = h ** -0.5 if scale is None else scale
+  qf = q.reshape(b, nk, n // nk, h).astype(jnp.float32) * scale                        # (B, Nk, G, H)
+  logits = jnp.sum(qf[:, :, :, None, :] * k[:, :, None].astype(jnp.float32), axis=-1)  # (B, Nk, G, S)
+  logits = logits * k_scale[:, :, None]
+  if mask is not None:
+    m = jnp.broadcast_to(mask, mask.shape[:-2] + (1, s))[..., 0, :]  # (B|1, 1, S)
+    logits = jnp.where(m[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1) * v_scale[:, :, None]
+  out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=3)           # (B, Nk, G, H)
+  return out.reshape(b, 1, n, h).astype(q.dtype)
+
+
 def pad_to_even_lengths(q, k, v, mask):
   """Odd query/key lengths padded by one, for cuDNN's training kernel, which takes a mask (it becomes a bias) only
   with even lengths (77 text tokens in cross-attention). Added keys are masked out; an added query row sees every

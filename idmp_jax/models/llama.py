@@ -5,8 +5,9 @@ Module and parameter names mirror transformers' (`model.embed_tokens`, `model.la
 
 The cache is a plain pytree of fixed shape (`init_cache`), so prefill and every decode step are jit-compiled
 once and the cache can be donated:
-  k, v     tuples (one per layer) of (B, kv_heads, max_len, head_dim) arrays, in the compute dtype: heads-major,
+  k, v     tuples (one per layer) of (B, kv_heads, max_len, head_dim) arrays, in the cache dtype: heads-major,
            so a decode step's q.k and p.v are batched over (B, heads) with no transpose of the cache
+  k_scale, v_scale  (int8 cache only) tuples of (B, kv_heads, max_len) fp32: each cached vector's scale
   valid    (B, max_len) bool: slot holds a real (non-padding) token
   index    () int32: the next slot to write; all rows write at the same slot, so left padding keeps the
            prompt ends aligned and each decode step writes one column
@@ -26,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from idmp_jax.convert import torch_format
-from idmp_jax.models.attention import dot_product_attention
+from idmp_jax.models import quantize
+from idmp_jax.models.attention import decode_attention_int8, dot_product_attention
 from idmp_jax.models.layers import Linear
 
 LIST_NAMES = ("layers",)
@@ -179,25 +181,35 @@ class LlamaAttention(nn.Module):
     k = dense(c.num_key_value_heads, "k_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
     v = dense(c.num_key_value_heads, "v_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    new_cache = None
+    new_cache, out = None, None
     if kv_cache is not None:
       # Write this chunk at slot `index` of cache rows row0..row0+b, then attend over those rows' whole
       # fixed-size cache (b < cache rows: a prefill in row chunks, see `_rows`).
-      ck, cv = kv_cache
-      heads_major = lambda a: jnp.swapaxes(a, 1, 2).astype(ck.dtype)
-      ck = jax.lax.dynamic_update_slice(ck, heads_major(k), (row0, 0, index, 0))
-      cv = jax.lax.dynamic_update_slice(cv, heads_major(v), (row0, 0, index, 0))
-      new_cache = (ck, cv)
+      heads_major = lambda a: jnp.swapaxes(a, 1, 2)
+      put = lambda cache, new: jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype),
+                                                            (row0, 0, index, 0)[:cache.ndim])
+      if len(kv_cache) == 4:  # int8 cache: (k, v, k_scale, v_scale), one scale per cached vector.
+        (qk, sk), (qv, sv) = quantize.quantize_vectors(heads_major(k)), quantize.quantize_vectors(heads_major(v))
+        new_cache = (put(kv_cache[0], qk), put(kv_cache[1], qv), put(kv_cache[2], sk), put(kv_cache[3], sv))
+        ck, cv, sk, sv = (_rows(a, row0, b) for a in new_cache)
+        if t == 1:  # Decode: read the cache as int8.
+          out = decode_attention_int8(q, ck, cv, sk, sv, mask=mask)
+        else:  # Prefill: attend over the dequantised rows.
+          ck, cv = quantize.dequantize_vectors(ck, sk, self.dtype), quantize.dequantize_vectors(cv, sv, self.dtype)
+      else:
+        new_cache = (put(kv_cache[0], heads_major(k)), put(kv_cache[1], heads_major(v)))
+        ck, cv = (_rows(a, row0, b) for a in new_cache)
       # (B, S, N, H) views for the attention function; XLA folds the swap into the dots' dimension numbers.
-      k = jnp.swapaxes(_rows(ck, row0, b), 1, 2).astype(self.dtype)
-      v = jnp.swapaxes(_rows(cv, row0, b), 1, 2).astype(self.dtype)
-    groups = c.num_attention_heads // c.num_key_value_heads
-    if groups > 1:  # Grouped-query attention: the shared attention function wants one k/v head per q head.
-      k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    # One query (a decode step) is a memory-bound matrix-vector product: XLA's einsum path does it well and
-    # avoids fused-kernel restrictions on tiny query lengths.
-    impl = "xla" if t == 1 else self.implementation
-    out = dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation=impl).astype(self.dtype)
+      k, v = jnp.swapaxes(ck, 1, 2).astype(self.dtype), jnp.swapaxes(cv, 1, 2).astype(self.dtype)
+    if out is None:
+      groups = c.num_attention_heads // c.num_key_value_heads
+      if groups > 1:  # Grouped-query attention: the shared attention function wants one k/v head per q head.
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+      # One query (a decode step) is a memory-bound matrix-vector product: XLA's einsum path does it well and
+      # avoids fused-kernel restrictions on tiny query lengths.
+      impl = "xla" if t == 1 else self.implementation
+      out = dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation=impl)
+    out = out.astype(self.dtype)
     out = Linear(c.hidden_size, use_bias=c.attention_bias, dtype=self.dtype, name="o_proj")(
         out.reshape(b, t, c.num_attention_heads * c.head_dim))
     return out, new_cache
@@ -236,11 +248,18 @@ class LlamaDecoderLayer(nn.Module):
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-  """An empty KV cache for `batch` rows of at most `max_len` tokens (prompt + new tokens)."""
+  """An empty KV cache for `batch` rows of at most `max_len` tokens (prompt + new tokens). dtype int8 stores each
+  cached vector as int8 with an fp32 scale (`k_scale`, `v_scale`: (B, kv_heads, max_len) per layer; see
+  `idmp_jax.models.quantize`): half the bytes a decode step reads from the cache, lossy."""
   shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
-  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
-  return {"k": zeros(), "v": zeros(), "valid": jnp.zeros((batch, max_len), bool),
-          "index": jnp.zeros((), jnp.int32), "next_pos": jnp.zeros((batch,), jnp.int32)}
+  zeros = lambda shape, dtype: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+  cache = {"k": zeros(shape, dtype), "v": zeros(shape, dtype), "valid": jnp.zeros((batch, max_len), bool),
+           "index": jnp.zeros((), jnp.int32), "next_pos": jnp.zeros((batch,), jnp.int32)}
+  if jnp.dtype(dtype) == jnp.dtype(jnp.int8):
+    cache["k_scale"], cache["v_scale"] = zeros(shape[:-1], jnp.float32), zeros(shape[:-1], jnp.float32)
+  elif not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"KV cache dtype {jnp.dtype(dtype)}: expected a float dtype or int8")
+  return cache
 
 
 def _rows(a, row0, n: int):
@@ -315,19 +334,20 @@ class LlamaModel(nn.Module):
       raise ValueError("right_padded applies to a forward without a KV cache")
     mask = None if right_padded else _attention_mask(key_valid, index + jnp.arange(t))
     cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-    new_k, new_v = [], []
+    names = ("k", "v", "k_scale", "v_scale") if cache is not None and "k_scale" in cache else ("k", "v")
+    new_kv = [[] for _ in names]
     for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (cache["k"][i], cache["v"][i])
+      kv = None if cache is None else tuple(cache[n][i] for n in names)
       x, kv = layer(x, cos, sin, mask, kv, index, None if cache is None else row0)
       if cache is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+        for out, a in zip(new_kv, kv):
+          out.append(a)
     x = self.norm(x)
     if cache is None:
       return x, None
     whole = b == cache["valid"].shape[0]
-    return x, {"k": tuple(new_k), "v": tuple(new_v), "valid": _put_rows(cache["valid"], key_valid, row0),
-               "index": index + t if whole else index,
+    return x, {**{n: tuple(a) for n, a in zip(names, new_kv)},
+               "valid": _put_rows(cache["valid"], key_valid, row0), "index": index + t if whole else index,
                "next_pos": _put_rows(cache["next_pos"], next_pos + jnp.sum(am, axis=1, dtype=jnp.int32), row0)}
 
 

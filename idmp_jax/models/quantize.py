@@ -1,4 +1,4 @@
-"""Weight-only int8 for frozen Linear kernels: a param-tree transform, like LoRA (`idmp_jax.models.lora`).
+"""int8 for frozen Linear kernels (a param-tree transform, like LoRA: `idmp_jax.models.lora`) and for the KV cache.
 
 `quantize_int8(params, predicate)` replaces each selected 2-D `kernel` (in, out) by
 
@@ -13,6 +13,11 @@ still works (its leaves stay fp32). The error per weight is at most s / 2 (half 
 Why int8 and not the original's 4-bit NF4 (bitsandbytes): NF4 needs a lookup-table dequantise and packed
 nibbles, which XLA would run as separate unfused ops; per-channel int8 is a convert and a multiply that XLA
 fuses into the dot's operand, and it keeps the 7B base at ~7 GB, enough to train on one 80 GB card.
+
+The KV cache (`idmp_jax.models.llama.init_cache(..., dtype=jnp.int8)`) uses the same symmetric scheme per cached
+vector: each (row, head, slot) key or value of head_dim numbers is stored as int8 with one fp32 scale
+(`quantize_vectors`). A decode step then reads half the cache bytes, which at long prompts is a third of what it
+reads in all (vicuna-7b, 3064 tokens, batch 4: 6.4 of 19.9 GB). Lossy, like int8 weights: opt-in.
 """
 from __future__ import annotations
 
@@ -36,6 +41,19 @@ def quantize_kernel(kernel) -> tuple[np.ndarray, np.ndarray]:
 
 def dequantize_kernel(q, scale, dtype=jnp.float32):
   return q.astype(dtype) * scale.astype(dtype)
+
+
+def quantize_vectors(x):
+  """(..., d) float -> (int8 (..., d), fp32 scale (...)): symmetric over the last axis (traceable)."""
+  xf = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(xf), axis=-1)
+  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+  q = jnp.clip(jnp.round(xf / scale[..., None]), -127, 127).astype(jnp.int8)
+  return q, scale
+
+
+def dequantize_vectors(q, scale, dtype):
+  return (q.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
 def quantize_int8(params, predicate: Callable[[tuple], bool]) -> dict:

@@ -74,6 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.dtype = "bfloat16"            # Compute dtype (the original: 4-bit NF4 weights with fp16/bf16 compute).
   c.attention = "auto"
+  c.kv_cache = ""                 # "" = the compute dtype; "int8": one scale per cached vector, half the bytes a
+                                  # decode step reads from the cache (lossy; models/quantize.py).
   c.model_dir = ""                # llava-v1.6-vicuna-7b-hf folder (weights + tokenizer.json); "tiny": a tiny random
                                   # one built in workdir (idmp_jax/tiny_llava.py).
   c.adapter = ""                  # peft LoRA adapter folder of the fine-tuned variants ("" = base model).
@@ -281,6 +283,8 @@ def _prepare_inputs(config, workdir):
   """Resolves and checks model and data folders (named in every error) before anything is computed."""
   if config.examples not in ("llava", "inpainting"):
     raise ValueError(f"config.examples = {config.examples!r}: expected 'llava' or 'inpainting'")
+  if config.kv_cache not in ("", "int8"):
+    raise ValueError(f"config.kv_cache = {config.kv_cache!r}: expected '' (the compute dtype) or 'int8'")
   model_dir, model_config = resolve_model_dir(config.model_dir, workdir, config.seed)
   if config.require_adapter and not config.adapter:
     raise ValueError(f"config {config.name!r} is a fine-tuned variant: set config.adapter to its LoRA adapter")
@@ -471,7 +475,8 @@ def run(config, workdir: str, mesh) -> dict:
   # One Generator (compiled functions) and one params copy per device; a queue hands free devices to batches.
   slots = queue.Queue()
   for d in devices:
-    slots.put((d, generation.Generator(model, gen_config), jax.device_put(params, d)))
+    slots.put((d, generation.Generator(model, gen_config, cache_dtype=config.kv_cache or None),
+               jax.device_put(params, d)))
   del params
   for k, d in dirs.items():
     if k != "prompts" or config.examples == "inpainting":
