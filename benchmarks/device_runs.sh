@@ -3,8 +3,8 @@
 # few, full calls, each step in its own time box, logs under $OUT.
 #
 #   bash benchmarks/device_runs.sh prepare     # here, on the CPU machine: wheels and inputs into .whl/ and .bench/
-#   bash benchmarks/device_runs.sh unet        # on the GPU machine (carry .whl): UNet forward, train step b16, full
-#   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): LoRA b2/b4, sampling on our weights
+#   bash benchmarks/device_runs.sh unet        # on the GPU machine (carry .whl): UNet forward, the full train step
+#   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): int8 decode profile, sampling on our weights
 #   bash benchmarks/device_runs.sh data        # on the GPU machine (carry .whl and .bench): folder vs ArrayRecord
 #
 # .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
@@ -39,14 +39,15 @@ case "$step" in
     python -m data_prep build-tfds --data-dir .bench/demo/mm_inp_dataset --out .bench/tfds
     python -m data_prep build-tfds --data-dir .bench/demo1024/mm_inp_dataset --out .bench/tfds1024
     du -sh .whl .bench ;;
-  unet)  # ~8 min on an H200
+  unet)  # ~6 min on an H200
     wheels || exit 1
     boxed 150 unet_forward python3 -X faulthandler benchmarks/unet_forward.py --batches 8,16 --impls cudnn --torch
     XLA_FLAGS=--xla_gpu_autotune_level=2 boxed 300 train_step \
-      python3 -X faulthandler benchmarks/train_step.py --kind both --batch 16 ;;
+      python3 -X faulthandler benchmarks/train_step.py --kind full --batch 32 ;;
   llava)  # ~9 min on an H200
     wheels || exit 1
-    boxed 360 llava_lora python3 -X faulthandler benchmarks/llava.py --batches '' --lora-batches 2,4
+    boxed 250 llava_int8 python3 -X faulthandler benchmarks/llava.py --quantize int8 --kv-cache int8 --batches 4 \
+      --lora-batches '' --profile /tmp/llava_profile
     boxed 200 sampling python3 -X faulthandler benchmarks/sampling.py --torch ;;
   data)  # ~4 min
     wheels || exit 1

@@ -42,6 +42,7 @@ import numpy as np
 from idmp_jax.models import clip, generation, llama, lora
 from idmp_jax.train import optimizer as optim, promptgen, state as train_state
 from idmp_jax.models import llava_next as ln
+from benchmarks import profile_summary
 from benchmarks.profile_summary import executable_gib, peak_memory_gib
 
 # Datasheet HBM bandwidth by card (BASELINES.md's ceiling uses the H100's).
@@ -134,6 +135,8 @@ def bench_generation(args, config, params, results):
       print(f"batch {batch}: FAILED ({type(e).__name__}: {msg})", flush=True)
       results.append({"bench": "generate", "batch": batch, "error": f"{type(e).__name__}: {msg}"})
       continue
+    if args.profile:  # One decode call under the profiler, after the timing; kernels summed per decode step.
+      profile_decode(gen, params, inputs, os.path.join(args.profile, f"decode_b{batch}"), args.new_tokens - 1)
     p, d = statistics.median(prefill_t), statistics.median(decode_t)
     steps = args.new_tokens - 1
     row = {
@@ -148,6 +151,15 @@ def bench_generation(args, config, params, results):
     }
     results.append(row)
     print(json.dumps(row), flush=True)
+
+
+def profile_decode(gen, params, inputs, log_dir: str, steps: int) -> None:
+  """Prints where a decode step's device time goes (benchmarks/profile_summary.py): GEMVs, attention, the rest."""
+  state = jax.block_until_ready(gen.prefill(params, inputs))
+  with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+    jax.block_until_ready(gen.decode(params, state))
+  profile_summary.print_summary(profile_summary.summarize(
+      profile_summary.load_trace(profile_summary.find_trace(log_dir)), steps, top=25))
 
 
 def lora_inputs(config: ln.LlavaNextConfig, batch: int, image_px: int, rng) -> dict:
@@ -237,6 +249,8 @@ def main():
   parser.add_argument("--explicit-mask", action="store_true",
                       help="LoRA step: attention with a (T, T) mask tensor instead of plain causal (right padding)")
   parser.add_argument("--layers", type=int, default=0, help="override the decoder depth (quick experiments)")
+  parser.add_argument("--profile", default="", help="after timing each generation batch, profile one decode call "
+                      "into this folder and print its kernels per decode step")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
   args.batches = [int(b) for b in args.batches.split(",") if b]
