@@ -157,3 +157,32 @@ def test_orbax_checkpoint_of_the_iterator(tmp_path):
   with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
     mngr.restore(4, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
   assert [b["index"].tolist() for b in take(restored, 5)] == expected
+
+
+def test_training_close_is_bounded(caplog):
+  """train.input.close waits at most its timeout for a close that hangs, says so, and closes a real multi-worker
+  iterator stopped mid-stream."""
+  import threading
+  import time
+  from idmp_jax.train import input as train_input
+
+  release = threading.Event()
+
+  class Stuck:
+    closed = False
+
+    def close(self):
+      release.wait(60)  # A worker join that does not return.
+      Stuck.closed = True
+
+  with caplog.at_level(logging.WARNING):
+    t0 = time.monotonic()
+    waited = train_input.close(Stuck(), timeout_s=0.3)
+    assert 0.3 <= waited < 5 and time.monotonic() - t0 < 5
+  assert "still stopping" in caplog.text and not Stuck.closed
+  release.set()
+  assert train_input.close(None) == 0.0
+
+  it = iter(make_loader(FakeSource(40), batch_size=2, shuffle=False, shard_options=ONE, worker_count=2))
+  next(it)
+  assert train_input.close(it, timeout_s=10.0) < 11.0  # Bounded whether grain's own close stalls or not.

@@ -17,7 +17,10 @@ grain.checkpoint.CheckpointSave/CheckpointRestore.
 """
 from __future__ import annotations
 
+import logging
 import math
+import threading
+import time
 
 import grain
 import numpy as np
@@ -120,7 +123,23 @@ def device_fields(batch: dict, keys) -> dict:
   return {k: batch[k] for k in keys if k in batch}
 
 
-def close(iterator) -> None:
-  """Stops a Grain iterator's worker processes now rather than at interpreter exit."""
-  if iterator is not None and hasattr(iterator, "close"):
-    iterator.close()
+def close(iterator, timeout_s: float = 10.0) -> float:
+  """Stops a Grain iterator's worker processes now rather than at interpreter exit, waiting at most `timeout_s`;
+  returns the seconds waited.
+
+  An iterator that ran to its end closes at once. One stopped mid-stream (the next epoch's, opened and
+  checkpointed before the run ended; early stopping) may not: grain's close joins its workers one after the
+  other, up to 25 s each, and on the 16-core GPU machine that held the end of a run ~40 s (BENCHMARKS.md). A
+  worker it waits on is blocked, not computing; so the close goes on in a daemon thread, and past `timeout_s`
+  the run continues, the workers (daemon processes) ending with it at the latest."""
+  if iterator is None or not hasattr(iterator, "close"):
+    return 0.0
+  start = time.monotonic()
+  closing = threading.Thread(target=iterator.close, name="data-iterator-close", daemon=True)
+  closing.start()
+  closing.join(timeout_s)
+  waited = time.monotonic() - start
+  if closing.is_alive():
+    logging.warning("the data iterator's workers are still stopping after %.0f s; continuing without them",
+                    waited)
+  return waited
