@@ -46,8 +46,11 @@ case "$step" in
       python3 -X faulthandler benchmarks/train_step.py --kind full --batch 32 ;;
   llava)  # ~9 min on an H200
     wheels || exit 1
-    boxed 250 llava_int8 python3 -X faulthandler benchmarks/llava.py --quantize int8 --kv-cache int8 --batches 4 \
+    boxed 170 llava_int8 python3 -X faulthandler benchmarks/llava.py --quantize int8 --kv-cache int8 --batches 4 \
       --lora-batches '' --profile /tmp/llava_profile
+    # The same with Triton allowed for every GEMM (XLA may then fuse the int8 -> bf16 convert into the GEMV).
+    XLA_FLAGS=--xla_gpu_triton_gemm_any=true boxed 150 llava_int8_triton python3 -X faulthandler \
+      benchmarks/llava.py --quantize int8 --kv-cache int8 --batches 4 --lora-batches ''
     boxed 200 sampling python3 -X faulthandler benchmarks/sampling.py --torch ;;
   data)  # ~4 min
     wheels || exit 1
