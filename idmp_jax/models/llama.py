@@ -199,8 +199,8 @@ class LlamaAttention(nn.Module):
       else:
         new_cache = (put(kv_cache[0], heads_major(k)), put(kv_cache[1], heads_major(v)))
         ck, cv = (_rows(a, row0, b) for a in new_cache)
-      # (B, S, N, H) views for the attention function; XLA folds the swap into the dots' dimension numbers.
-      k, v = jnp.swapaxes(ck, 1, 2).astype(self.dtype), jnp.swapaxes(cv, 1, 2).astype(self.dtype)
+      if out is None:  # (B, S, N, H) views for the attention function; XLA folds the swap into the dots.
+        k, v = jnp.swapaxes(ck, 1, 2).astype(self.dtype), jnp.swapaxes(cv, 1, 2).astype(self.dtype)
     if out is None:
       groups = c.num_attention_heads // c.num_key_value_heads
       if groups > 1:  # Grouped-query attention: the shared attention function wants one k/v head per q head.

@@ -30,13 +30,19 @@ from flax import traverse_util
 SCALE = "kernel_scale"
 
 
-def quantize_kernel(kernel) -> tuple[np.ndarray, np.ndarray]:
-  """(in, out) float -> (int8 (in, out), fp32 scale (out,)), symmetric per output channel."""
-  w = np.asarray(kernel, np.float32)
-  amax = np.max(np.abs(w), axis=0)
-  scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-  q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+def _symmetric_int8(x, axis: int, xp):
+  """The one scheme: (int8 q, fp32 scale) with scale = max |x| / 127 along `axis` (1 where all zero) and
+  q = round(x / scale) in [-127, 127]. `xp` is numpy (host, the 7B weights) or jax.numpy (traced, the cache)."""
+  xf = xp.asarray(x, xp.float32)
+  amax = xp.max(xp.abs(xf), axis=axis)
+  scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
+  q = xp.clip(xp.round(xf / xp.expand_dims(scale, axis)), -127, 127).astype(xp.int8)
   return q, scale
+
+
+def quantize_kernel(kernel) -> tuple[np.ndarray, np.ndarray]:
+  """(in, out) float -> (int8 (in, out), fp32 scale (out,)), symmetric per output channel, on the host."""
+  return _symmetric_int8(kernel, 0, np)
 
 
 def dequantize_kernel(q, scale, dtype=jnp.float32):
@@ -45,11 +51,7 @@ def dequantize_kernel(q, scale, dtype=jnp.float32):
 
 def quantize_vectors(x):
   """(..., d) float -> (int8 (..., d), fp32 scale (...)): symmetric over the last axis (traceable)."""
-  xf = x.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(xf), axis=-1)
-  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-  q = jnp.clip(jnp.round(xf / scale[..., None]), -127, 127).astype(jnp.int8)
-  return q, scale
+  return _symmetric_int8(x, -1, jnp)
 
 
 def dequantize_vectors(q, scale, dtype):
