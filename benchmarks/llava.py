@@ -42,8 +42,7 @@ import numpy as np
 from idmp_jax.models import clip, generation, llama, lora
 from idmp_jax.train import optimizer as optim, promptgen, state as train_state
 from idmp_jax.models import llava_next as ln
-from benchmarks import profile_summary
-from benchmarks.profile_summary import executable_gib, peak_memory_gib
+from benchmarks.profile_summary import executable_gib, peak_memory_gib, profile_steps
 
 # Datasheet HBM bandwidth by card (BASELINES.md's ceiling uses the H100's).
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
@@ -155,11 +154,8 @@ def bench_generation(args, config, params, results):
 
 def profile_decode(gen, params, inputs, log_dir: str, steps: int) -> None:
   """Prints where a decode step's device time goes (benchmarks/profile_summary.py): GEMVs, attention, the rest."""
-  state = jax.block_until_ready(gen.prefill(params, inputs))
-  with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-    jax.block_until_ready(gen.decode(params, state))
-  profile_summary.print_summary(profile_summary.summarize(
-      profile_summary.load_trace(profile_summary.find_trace(log_dir)), steps, top=25))
+  state = jax.block_until_ready(gen.prefill(params, inputs))  # Donated to the one decode call below.
+  profile_steps(lambda: jax.block_until_ready(gen.decode(params, state)), 1, log_dir, top=25, steps_per_call=steps)
 
 
 def lora_inputs(config: ln.LlavaNextConfig, batch: int, image_px: int, rng) -> dict:

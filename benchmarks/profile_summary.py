@@ -116,14 +116,15 @@ def find_trace(log_dir: str) -> str:
   return found[-1]
 
 
-def profile_steps(run_step, steps: int, log_dir: str, top: int = 20) -> dict:
-  """Runs `run_step()` (which must block until its outputs are ready) `steps` times under the profiler."""
+def profile_steps(run_step, steps: int, log_dir: str, top: int = 20, steps_per_call: int = 1) -> dict:
+  """Runs `run_step()` (which must block until its outputs are ready) `steps` times under the profiler; times are
+  per step, counting `steps_per_call` steps in each call (e.g. a decode loop of many tokens)."""
   import jax
   with jax.profiler.trace(log_dir, create_perfetto_trace=True):
     for _ in range(steps):
       run_step()
   path = find_trace(log_dir)
-  summary = dict(summarize(load_trace(path), steps, top), trace=path)
+  summary = dict(summarize(load_trace(path), steps * steps_per_call, top), trace=path)
   print_summary(summary)
   return summary
 
