@@ -3,8 +3,8 @@
 # few, full calls, each step in its own time box, logs under $OUT.
 #
 #   bash benchmarks/device_runs.sh prepare     # here, on the CPU machine: wheels and inputs into .whl/ and .bench/
-#   bash benchmarks/device_runs.sh unet        # on the GPU machine (carry .whl): UNet forward, the full train step
-#   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): int8 decode profile, sampling on our weights
+#   bash benchmarks/device_runs.sh unet        # on the GPU machine (carry .whl): b32 LoRA step: profile, HLO, flag variants
+#   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): int8 kernel tuning, int8 decode with and without them
 #   bash benchmarks/device_runs.sh data        # on the GPU machine (carry .whl and .bench): folder vs ArrayRecord
 #
 # .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
@@ -39,19 +39,26 @@ case "$step" in
     python -m data_prep build-tfds --data-dir .bench/demo/mm_inp_dataset --out .bench/tfds
     python -m data_prep build-tfds --data-dir .bench/demo1024/mm_inp_dataset --out .bench/tfds1024
     du -sh .whl .bench ;;
-  unet)  # ~6 min on an H200
+  unet)  # ~9 min on an H200: the b32 LoRA step (profile, optimized HLO), then two XLA-flag variants of it
     wheels || exit 1
-    boxed 150 unet_forward python3 -X faulthandler benchmarks/unet_forward.py --batches 8,16 --impls cudnn --torch
-    XLA_FLAGS=--xla_gpu_autotune_level=2 boxed 300 train_step \
-      python3 -X faulthandler benchmarks/train_step.py --kind full --batch 32 ;;
-  llava)  # ~9 min on an H200
+    base=--xla_gpu_autotune_level=2
+    XLA_FLAGS="$base --xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" \
+      boxed 230 train_step python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
+      --profile /tmp/unet_profile
+    (cd /tmp/hlo && tar czf "${OUT:-/tmp}/unet_hlo.tgz" $(ls | grep -E 'jit_step.*after_optimizations(-memory-usage-report)?[.]txt$'))
+    cp "$(find /tmp/unet_profile -name '*.json.gz' | head -1)" "${OUT:-/tmp}/unet_trace.json.gz"
+    # CUDA graphs over more of the step (the b32 step's kernels leave ~7% of it idle).
+    XLA_FLAGS="$base --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
+      boxed 170 train_step_graphs python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
+    # Triton for every GEMM: may fuse the LoRA dropout and other elementwise producers into the GEMMs.
+    XLA_FLAGS="$base --xla_gpu_triton_gemm_any=true" \
+      boxed 170 train_step_triton python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 ;;
+  llava)  # ~7 min on an H200: tune the Pallas decode kernels against XLA, then int8 decode at b4 with and without
     wheels || exit 1
-    boxed 170 llava_int8 python3 -X faulthandler benchmarks/llava.py --quantize int8 --kv-cache int8 --batches 4 \
-      --lora-batches '' --profile /tmp/llava_profile
-    # The same with Triton allowed for every GEMM (XLA may then fuse the int8 -> bf16 convert into the GEMV).
-    XLA_FLAGS=--xla_gpu_triton_gemm_any=true boxed 150 llava_int8_triton python3 -X faulthandler \
-      benchmarks/llava.py --quantize int8 --kv-cache int8 --batches 4 --lora-batches ''
-    boxed 200 sampling python3 -X faulthandler benchmarks/sampling.py --torch ;;
+    boxed 200 int8_sweep python3 -X faulthandler benchmarks/int8_kernels_sweep.py --buffers 12 --iters 8 --out /tmp/int8_tuning.json
+    [ -f /tmp/int8_tuning.json ] && cp /tmp/int8_tuning.json "${OUT:-/tmp}/" && export IDMP_INT8_KERNELS_TUNING=/tmp/int8_tuning.json
+    boxed 200 llava_int8 python3 -X faulthandler benchmarks/llava.py --quantize int8 --kv-cache int8 --batches 4 \
+      --lora-batches '' --int8-kernels off,auto ;;
   data)  # ~4 min
     wheels || exit 1
     for size in "" 1024; do

@@ -30,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The batch-32 KV cache alone is ~51 GB: let JAX's allocator have the card (its default is 75%).
@@ -132,10 +133,13 @@ def bench_generation(args, config, params, results):
     except Exception as e:  # noqa: BLE001 -- an out-of-memory batch is a result, not a crash.
       msg = str(e).splitlines()[0][:200]
       print(f"batch {batch}: FAILED ({type(e).__name__}: {msg})", flush=True)
+      print("\n".join(traceback.format_exc().splitlines()[-40:]), flush=True)
       results.append({"bench": "generate", "batch": batch, "error": f"{type(e).__name__}: {msg}"})
       continue
     if args.profile:  # One decode call under the profiler, after the timing; kernels summed per decode step.
-      profile_decode(gen, params, inputs, os.path.join(args.profile, f"decode_b{batch}"), args.new_tokens - 1)
+      from idmp_jax.models import int8_kernels
+      tag = f"{int8_kernels.mode()}{int8_kernels.attention_splits()}"
+      profile_decode(gen, params, inputs, os.path.join(args.profile, f"decode_b{batch}_{tag}"), args.new_tokens - 1)
     p, d = statistics.median(prefill_t), statistics.median(decode_t)
     steps = args.new_tokens - 1
     row = {
@@ -242,6 +246,9 @@ def main():
                            "half the weight bytes a decode step reads")
   parser.add_argument("--kv-cache", default="", choices=("", "int8"),
                       help="generation with an int8 KV cache (one fp32 scale per cached vector; llama.init_cache)")
+  parser.add_argument("--int8-kernels", default="off",
+                      help="comma-separated variants MODE[/SPLITS] of models/int8_kernels.py for the int8 "
+                           "generation (off | auto | interpret; SPLITS: attention key splits), each timed in turn")
   parser.add_argument("--explicit-mask", action="store_true",
                       help="LoRA step: attention with a (T, T) mask tensor instead of plain causal (right padding)")
   parser.add_argument("--layers", type=int, default=0, help="override the decoder depth (quick experiments)")
@@ -273,7 +280,15 @@ def main():
     lm = jax.device_get(params["language_model"])
     lm = quantize.quantize_int8(lm, lambda p: "layers" in "/".join(p))
     gen_params = dict(params, language_model=jax.device_put(lm))
-  bench_generation(args, config, gen_params, results)
+  from idmp_jax.models import int8_kernels
+  for variant in args.int8_kernels.split(","):
+    mode, _, splits = variant.partition("/")
+    int8_kernels.set_mode(mode, int(splits or 1))
+    print(f"int8 kernels: {mode}, attention splits {int8_kernels.attention_splits()}", flush=True)
+    before = len(results)
+    bench_generation(args, config, gen_params, results)
+    for r in results[before:]:
+      r["int8_kernels"] = variant
   del gen_params
   bench_lora(args, config, params, results)
   print(f"\n{'batch':>5} {'prompt':>6} {'prefill s':>9} {'ms/step':>8} {'decode tok/s':>12} {'e2e tok/s':>9} "
