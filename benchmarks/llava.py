@@ -13,6 +13,7 @@ end-to-end new tokens/s (prefill included, what transformers' generate was timed
 bandwidth bound (datasheet HBM bandwidth: H100 3.35, H200 4.8 TB/s) and the fraction of it reached, and peak
 device memory. Note the KV cache a step also reads: 1.6 GB per row at 3064 tokens (6.4 GB at batch 4; half with
 --kv-cache int8).
+--attention xla also runs the int8-cache decode attention on XLA (default: the Pallas kernel on GPU).
 The decoder prefill runs --prefill-rows rows at a time (batch 32 does not fit in 80 GB otherwise).
 LoRA training step (--lora-batches): promptgen_train's own step (idmp_jax.train.promptgen.make_train_step with
 the job's LoRA recipe and optimizer: r16/alpha16/dropout 0.05 on q/k/v/o/gate/up/down of the decoder, AdamW,
@@ -137,9 +138,7 @@ def bench_generation(args, config, params, results):
       results.append({"bench": "generate", "batch": batch, "error": f"{type(e).__name__}: {msg}"})
       continue
     if args.profile:  # One decode call under the profiler, after the timing; kernels summed per decode step.
-      from idmp_jax.models import int8_kernels
-      tag = f"{int8_kernels.mode()}{int8_kernels.attention_splits()}"
-      profile_decode(gen, params, inputs, os.path.join(args.profile, f"decode_b{batch}_{tag}"), args.new_tokens - 1)
+      profile_decode(gen, params, inputs, os.path.join(args.profile, f"decode_b{batch}"), args.new_tokens - 1)
     p, d = statistics.median(prefill_t), statistics.median(decode_t)
     steps = args.new_tokens - 1
     row = {
@@ -246,9 +245,6 @@ def main():
                            "half the weight bytes a decode step reads")
   parser.add_argument("--kv-cache", default="", choices=("", "int8"),
                       help="generation with an int8 KV cache (one fp32 scale per cached vector; llama.init_cache)")
-  parser.add_argument("--int8-kernels", default="off",
-                      help="comma-separated variants MODE[/SPLITS] of models/int8_kernels.py for the int8 "
-                           "generation (off | auto | interpret; SPLITS: attention key splits), each timed in turn")
   parser.add_argument("--explicit-mask", action="store_true",
                       help="LoRA step: attention with a (T, T) mask tensor instead of plain causal (right padding)")
   parser.add_argument("--layers", type=int, default=0, help="override the decoder depth (quick experiments)")
@@ -280,15 +276,7 @@ def main():
     lm = jax.device_get(params["language_model"])
     lm = quantize.quantize_int8(lm, lambda p: "layers" in "/".join(p))
     gen_params = dict(params, language_model=jax.device_put(lm))
-  from idmp_jax.models import int8_kernels
-  for variant in args.int8_kernels.split(","):
-    mode, _, splits = variant.partition("/")
-    int8_kernels.set_mode(mode, int(splits or 1))
-    print(f"int8 kernels: {mode}, attention splits {int8_kernels.attention_splits()}", flush=True)
-    before = len(results)
-    bench_generation(args, config, gen_params, results)
-    for r in results[before:]:
-      r["int8_kernels"] = variant
+  bench_generation(args, config, gen_params, results)
   del gen_params
   bench_lora(args, config, params, results)
   print(f"\n{'batch':>5} {'prompt':>6} {'prefill s':>9} {'ms/step':>8} {'decode tok/s':>12} {'e2e tok/s':>9} "

@@ -66,16 +66,34 @@ def dot_product_attention(q, k, v, *, mask=None, scale: Optional[float] = None, 
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
-def decode_attention_int8(q, k, v, k_scale, v_scale, *, mask=None, scale: Optional[float] = None):
+DECODE_INT8_IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+
+def decode_attention_int8(q, k, v, k_scale, v_scale, *, mask=None, scale: Optional[float] = None,
+                          implementation: str = "auto"):
   """One query per row over an int8 KV cache (`idmp_jax.models.quantize.quantize_vectors` per cached vector).
 
   q: (B, 1, N, H); k, v: (B, Nk, S, H) int8, heads-major as the cache keeps them (Nk divides N: grouped-query
   heads share kv head n // (N / Nk), as transformers' repeat_kv); k_scale, v_scale: (B, Nk, S); mask: boolean,
   broadcastable to (B, 1, 1, S). Equals `dot_product_attention` on the dequantised k and v, but the scales are
-  applied to the logits (per key) and to the probabilities (per value) instead of to the cache, and both
-  contractions are written as multiply-and-reduce: XLA fuses the int8 -> fp32 convert into each reduction, so
-  the cache is read once, as int8, and no dequantised copy is written.
+  applied to the logits (per key) and to the probabilities (per value) instead of to the cache, and the cache is
+  read once, as int8, with no dequantised copy written.
+  implementation: "xla" (both contractions as multiply-and-reduce: XLA fuses the int8 -> fp32 convert into each
+  reduction), "pallas" (`pallas_attention.decode_attention`: one kernel with an online softmax; interpreted off
+  GPU), or "auto" (pallas on GPU for the shapes it takes, else xla).
   """
+  if implementation not in DECODE_INT8_IMPLEMENTATIONS:
+    raise ValueError(f"int8 decode attention implementation {implementation!r}: expected one of "
+                     f"{DECODE_INT8_IMPLEMENTATIONS}")
+  from idmp_jax.models import pallas_attention  # Local import: Pallas only where it is used.
+  gpu = _backend() == "gpu"
+  if implementation == "pallas" or (implementation == "auto" and gpu and pallas_attention.supported(q.shape,
+                                                                                                      k.shape)):
+    b, s = q.shape[0], k.shape[2]
+    valid = jnp.ones((b, s), bool) if mask is None else jnp.broadcast_to(mask, (b, 1, 1, s))[:, 0, 0]
+    return pallas_attention.decode_attention(q, k, v, k_scale, v_scale, valid,
+                                             scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                                             interpret=not gpu)
   b, _, n, h = q.shape
   nk, s = k.shape[1], k.shape[2]
   scale = h ** -0.5 if scale is None else scale

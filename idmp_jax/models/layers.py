@@ -30,11 +30,9 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", default_kernel_init, (x.shape[-1], self.features), self.param_dtype)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.has_variable("params", "kernel_scale"):  # int8 weights (idmp_jax.models.quantize): per-column scale.
-      from idmp_jax.models import quantize  # Local import: quantize's kernels import Pallas.
-      y = quantize.matmul(x, kernel, self.get_variable("params", "kernel_scale"), self.dtype)
-    else:
-      y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+      y = y * self.get_variable("params", "kernel_scale").astype(self.dtype)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)

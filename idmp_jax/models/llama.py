@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from idmp_jax.convert import torch_format
-from idmp_jax.models import int8_kernels, quantize
+from idmp_jax.models import quantize
 from idmp_jax.models.attention import decode_attention_int8, dot_product_attention
 from idmp_jax.models.layers import Linear
 
@@ -192,14 +192,9 @@ class LlamaAttention(nn.Module):
         (qk, sk), (qv, sv) = quantize.quantize_vectors(heads_major(k)), quantize.quantize_vectors(heads_major(v))
         new_cache = (put(kv_cache[0], qk), put(kv_cache[1], qv), put(kv_cache[2], sk), put(kv_cache[3], sv))
         ck, cv, sk, sv = (_rows(a, row0, b) for a in new_cache)
-        if t == 1:  # Decode: read the cache as int8 (int8_kernels' fused kernel where those kernels are on).
-          use, interpret = int8_kernels.enabled()
-          if (use and mask is not None and int8_kernels.attention_config() is not None
-              and int8_kernels.attention_supported(q.shape, ck.shape)):
-            out = int8_kernels.decode_attention(q, ck, cv, sk, sv, mask[:, 0, 0, :], scale=c.head_dim ** -0.5,
-                                                config=int8_kernels.attention_config(), interpret=interpret)
-          else:
-            out = decode_attention_int8(q, ck, cv, sk, sv, mask=mask)
+        if t == 1:  # Decode: read the cache as int8 (a Pallas kernel on GPU unless XLA attention is asked for).
+          out = decode_attention_int8(q, ck, cv, sk, sv, mask=mask,
+                                      implementation="xla" if self.implementation == "xla" else "auto")
         else:  # Prefill: attend over the dequantised rows.
           ck, cv = quantize.dequantize_vectors(ck, sk, self.dtype), quantize.dequantize_vectors(cv, sv, self.dtype)
       else:

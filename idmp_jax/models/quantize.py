@@ -49,17 +49,6 @@ def dequantize_kernel(q, scale, dtype=jnp.float32):
   return q.astype(dtype) * scale.astype(dtype)
 
 
-def matmul(x, q, scale, dtype):
-  """(x @ q) * scale in `dtype` for an int8 kernel q (in, out) and its per-column scale: `int8_kernels.gemv` for
-  a few rows (decode) where those kernels are on, else XLA's dot of the converted kernel."""
-  from idmp_jax.models import int8_kernels  # Local import: Pallas only where it is used.
-  use, interpret = int8_kernels.enabled()
-  x = x.astype(dtype)
-  if use and q.dtype == jnp.int8 and int8_kernels.supported(x.shape, q.shape):
-    return int8_kernels.gemv(x, q, scale, interpret=interpret)
-  return jnp.dot(x, q.astype(dtype)) * scale.astype(dtype)
-
-
 def quantize_vectors(x):
   """(..., d) float -> (int8 (..., d), fp32 scale (...)): symmetric over the last axis (traceable)."""
   return _symmetric_int8(x, -1, jnp)

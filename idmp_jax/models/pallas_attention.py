@@ -1,0 +1,129 @@
+"""Single-query attention over the int8 KV cache as one Pallas (Triton) kernel: the GPU implementation of
+`attention.decode_attention_int8` (which dispatches here on GPU).
+
+A batch-4 decode step of the 7B decoder reads 3.3 GB of int8 cache (3k tokens); XLA runs the two contractions as
+generic reductions, reading it at ~2.6 TB/s on an H200 (BENCHMARKS.md, decode profile). Here one program takes
+one (row, kv head, key split): it streams its keys in tiles, keeps an online softmax in fp32 (scales applied per
+key to the logits and per value to the probabilities, as the XLA path does), and writes the unnormalised sum and
+its (max, total); the splits are merged after. Splitting the keys gives enough programs at small batches (4 rows
+x 32 heads = 128 without); the default aims at ~2048 programs, which on an H200 at batch 4 (16 splits of 128-key
+tiles) measured fastest of the tilings swept (benchmarks/decode_attention_sweep.py).
+
+Also ported and measured, not kept: an int8-weight GEMV for the decode projections (tensor-core and FMA
+variants): 1.3-2x slower than XLA's own Triton GEMM on every decoder shape (BENCHMARKS.md).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+PROGRAMS = 2048  # Aimed-at (row, head, split) programs: splits = PROGRAMS // (rows * kv heads), in [1, 16].
+
+
+def default_config(batch: int, kv_heads: int) -> tuple[int, int, int, int]:
+  """(splits, block_s, num_warps, num_stages)."""
+  return max(1, min(16, PROGRAMS // (batch * kv_heads))), 128, 4, 3
+
+
+def _attention_kernel(q_ref, k_ref, v_ref, ks_ref, vs_ref, valid_ref, *out_refs, groups: int, length: int,
+                      block_s: int, chunk: int, scale: float):
+  # One (row, kv head, split) per program. q_ref: (G, H) the queries of this kv head; k_ref, v_ref: (S, H) int8;
+  # ks_ref, vs_ref: (S,) fp32 scales; valid_ref: (S,) int32 (1 = may attend). One split: out_refs = (o,) (G, H)
+  # in the output dtype, normalised. Several: (acc (G, H), m (G,), l (G,)) in fp32, merged by the caller.
+  lo = pl.program_id(2) * chunk
+  hi = jnp.minimum(lo + chunk, length)
+  qs = [q_ref[g, :].astype(jnp.float32) * scale for g in range(groups)]
+  neg = jnp.float32(-1e30)
+
+  def body(t, carry):
+    nominal = lo + t * block_s
+    start = jnp.minimum(nominal, length - block_s)  # The last tile slides back (never out of bounds) ...
+    idx = start + jnp.arange(block_s)
+    use = (idx >= nominal) & (idx < hi) & (valid_ref[pl.ds(start, block_s)] != 0)  # ... and skips what is done.
+    k = k_ref[pl.ds(start, block_s), :].astype(jnp.float32)
+    v = v_ref[pl.ds(start, block_s), :].astype(jnp.float32)
+    ks, vs = ks_ref[pl.ds(start, block_s)], vs_ref[pl.ds(start, block_s)]
+    out = []
+    for g, (acc, m, l) in enumerate(carry):
+      logits = jnp.where(use, jnp.sum(k * qs[g][None, :], axis=1) * ks, neg)
+      m_new = jnp.maximum(m, jnp.max(logits))
+      alpha = jnp.exp(m - m_new)
+      p = jnp.where(use, jnp.exp(logits - m_new), 0.0)
+      acc = acc * alpha + jnp.sum((p * vs)[:, None] * v, axis=0)
+      out.append((acc, m_new, l * alpha + jnp.sum(p)))
+    return out
+
+  h = k_ref.shape[-1]
+  init = [(jnp.zeros((h,), jnp.float32), neg, jnp.float32(0.0)) for _ in range(groups)]
+  carry = jax.lax.fori_loop(0, pl.cdiv(hi - lo, block_s), body, init)
+  for g, (acc, m, l) in enumerate(carry):
+    if len(out_refs) == 1:
+      out_refs[0][g, :] = (acc / l).astype(out_refs[0].dtype)
+    else:
+      out_refs[0][g, :] = acc
+      out_refs[1][g] = m
+      out_refs[2][g] = l
+
+
+def _block_s(length: int) -> int:
+  return min(256, 1 << (max(length, 1).bit_length() - 1))  # A power of two, at most the cache length.
+
+
+def supported(q_shape, k_shape) -> bool:
+  """Shapes the kernel takes: one query, grouped heads up to 8 per kv head, a power-of-two head size >= 16 and
+  at least 16 cached slots."""
+  _, t, n, h = q_shape
+  nk, s = k_shape[1], k_shape[2]
+  return t == 1 and n % nk == 0 and n // nk <= 8 and s >= 16 and h >= 16 and not h & (h - 1)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def decode_attention(q, k, v, k_scale, v_scale, valid, *, scale: float, config: tuple | None = None,
+                     interpret: bool = False):
+  """softmax(q k^T * scale, where valid) v over an int8 cache, the scales applied per key and per value as
+  `attention.decode_attention_int8` does. q: (B, 1, N, H); k, v: (B, Nk, S, H) int8; k_scale, v_scale:
+  (B, Nk, S) fp32; valid: (B, S) bool (each row must have a valid slot). Returns (B, 1, N, H) in q's dtype.
+  config: (splits, block_s, num_warps, num_stages), default `default_config`; splits > 1 divides each row's keys
+  among that many programs, whose partial softmaxes are merged here. `interpret`: run the kernel on any backend
+  (the tests, on the CPU)."""
+  b, _, n, h = q.shape
+  nk, s = k.shape[1], k.shape[2]
+  splits, block_s, num_warps, num_stages = config or default_config(b, nk)
+  groups = n // nk
+  block_s = min(block_s, _block_s(s))
+  if not supported(q.shape, k.shape):
+    raise ValueError(f"int8 decode attention: q {q.shape}, cache {k.shape} outside what the kernel takes")
+  chunk = pl.cdiv(pl.cdiv(s, splits), block_s) * block_s
+  splits = pl.cdiv(s, chunk)
+  qg = q.reshape(b, nk, groups, h)
+  kv_spec = pl.BlockSpec((None, None, s, h), lambda i, j, c: (i, j, 0, 0))
+  sc_spec = pl.BlockSpec((None, None, s), lambda i, j, c: (i, j, 0))
+  in_specs = [pl.BlockSpec((None, None, groups, h), lambda i, j, c: (i, j, 0, 0)), kv_spec, kv_spec, sc_spec,
+              sc_spec, pl.BlockSpec((None, s), lambda i, j, c: (i, 0))]
+  if splits == 1:
+    out_specs = [pl.BlockSpec((None, None, groups, h), lambda i, j, c: (i, j, 0, 0))]
+    out_shape = [jax.ShapeDtypeStruct((b, nk, groups, h), q.dtype)]
+  else:
+    out_specs = [pl.BlockSpec((None, None, None, groups, h), lambda i, j, c: (i, j, c, 0, 0)),
+                 pl.BlockSpec((None, None, None, groups), lambda i, j, c: (i, j, c, 0)),
+                 pl.BlockSpec((None, None, None, groups), lambda i, j, c: (i, j, c, 0))]
+    out_shape = [jax.ShapeDtypeStruct((b, nk, splits, groups, h), jnp.float32),
+                 jax.ShapeDtypeStruct((b, nk, splits, groups), jnp.float32),
+                 jax.ShapeDtypeStruct((b, nk, splits, groups), jnp.float32)]
+  outs = pl.pallas_call(
+      functools.partial(_attention_kernel, groups=groups, length=s, block_s=block_s, chunk=chunk, scale=scale),
+      grid=(b, nk, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name="int8_decode_attention",
+  )(qg, k, v, k_scale.astype(jnp.float32), v_scale.astype(jnp.float32), valid.astype(jnp.int32))
+  if splits == 1:
+    out = outs[0]
+  else:
+    acc, m, l = outs
+    w = jnp.exp(m - jnp.max(m, axis=2, keepdims=True))
+    out = (jnp.sum(acc * w[..., None], axis=2) / jnp.sum(l * w, axis=2)[..., None]).astype(q.dtype)
+  return out.reshape(b, 1, n, h)
