@@ -55,6 +55,7 @@ def test_dispatch():
                                       scale=1.0, interpret=True)
   assert pallas_attention.default_config(4, 32) == (16, 128, 4, 3)  # The tiling measured fastest (H200, b4).
   assert pallas_attention.default_config(32, 32)[0] == 2
+  assert not attention._triton_gpu()  # On this CPU.
 
 
 def _kernel_calls(fn, *args) -> dict:
@@ -103,7 +104,7 @@ def test_llama_decode_through_the_kernel_equals_xla(monkeypatch):
 
   ref = jax.jit(decode("auto"))(params)  # On the CPU: XLA.
   kernel = pallas_attention.decode_attention
-  monkeypatch.setattr(attention, "_backend", lambda: "gpu")
+  monkeypatch.setattr(attention, "_triton_gpu", lambda: True)
   monkeypatch.setattr(pallas_attention, "decode_attention", lambda *a, **kw: kernel(*a, **{**kw, "interpret": True}))
   assert _kernel_calls(decode("auto"), params) == {"int8_decode_attention": 3 * cfg.num_hidden_layers}
   assert _kernel_calls(decode("xla"), params) == {}

@@ -25,6 +25,18 @@ def _backend() -> str:
   return jax.default_backend()
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_gpu() -> bool:
+  """A CUDA GPU that Pallas' Triton backend compiles for (compute capability 8.0 or newer)."""
+  if _backend() != "gpu":
+    return False
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  try:
+    return tuple(int(x) for x in str(cc).split(".")[:2]) >= (8, 0)
+  except ValueError:  # ROCm, or no capability reported.
+    return False
+
+
 def resolve_implementation(implementation: str, dtype, head_dim: int) -> str:
   """'auto' -> 'cudnn' on GPU for fp16/bf16 with a head size cuDNN takes, else 'xla'."""
   if implementation not in IMPLEMENTATIONS:
@@ -80,13 +92,13 @@ def decode_attention_int8(q, k, v, k_scale, v_scale, *, mask=None, scale: Option
   read once, as int8, with no dequantised copy written.
   implementation: "xla" (both contractions as multiply-and-reduce: XLA fuses the int8 -> fp32 convert into each
   reduction), "pallas" (`pallas_attention.decode_attention`: one kernel with an online softmax; interpreted off
-  GPU), or "auto" (pallas on GPU for the shapes it takes, else xla).
+  GPU), or "auto" (pallas on a CUDA GPU of compute capability >= 8.0 for the shapes it takes, else xla).
   """
   if implementation not in DECODE_INT8_IMPLEMENTATIONS:
     raise ValueError(f"int8 decode attention implementation {implementation!r}: expected one of "
                      f"{DECODE_INT8_IMPLEMENTATIONS}")
   from idmp_jax.models import pallas_attention  # Local import: Pallas only where it is used.
-  gpu = _backend() == "gpu"
+  gpu = _triton_gpu()
   if implementation == "pallas" or (implementation == "auto" and gpu and pallas_attention.supported(q.shape,
                                                                                                       k.shape)):
     b, s = q.shape[0], k.shape[2]
