@@ -6,8 +6,10 @@ import re
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from PIL import Image
 
 from idmp_jax import parallel
@@ -244,6 +246,29 @@ def test_bucketed_batch_generates_the_same_tokens(demo_root, tiny_dir):  # noqa:
   np.testing.assert_array_equal(a, b)
 
 
+def test_int8_weights_and_cache_generate(tiny_dir, demo_root):  # noqa: F811
+  """config.quantize="int8" (with kv_cache="int8"): only the decoder layers' kernels become int8 (with their
+  scales), and generation runs on them, close to the float model's logits."""
+  params = pg.load_params(tiny_dir, "", jnp.float32, "int8")
+  flat = {"/".join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+  int8 = {k for k, v in flat.items() if np.asarray(v).dtype == np.int8}
+  assert int8 and all(k.startswith("language_model/model/layers_") and k.endswith("/kernel") for k in int8)
+  assert all(k[:-len("kernel")] + "kernel_scale" in flat for k in int8)
+  config, float_params = ln.load_pretrained(tiny_dir)
+  source = LlavaSource(demo_root, LlavaConfig(split="test"), seed=42)
+  inputs = pg.make_batch([pg.llava_example(source.example(0))], pg.LlavaTokenizer(tiny_dir),
+                         lp.ImageProcessorConfig.load(tiny_dir), config, 64)
+  model = ln.LlavaNextForConditionalGeneration(config)
+  logits = lambda p: model.apply({"params": p}, **{k: jnp.asarray(v) for k, v in inputs.items()})[0]
+  err = float(jnp.linalg.norm(logits(params) - logits(float_params)) / jnp.linalg.norm(logits(float_params)))
+  assert 0 < err < 2e-2, err  # Lossy, by about the int8 grid's half step.
+  gen = generation.Generator(model, generation.GenerationConfig(max_new_tokens=4), cache_dtype=jnp.int8)
+  tokens, lengths = gen(jax.device_put(params), {k: jnp.asarray(v) for k, v in inputs.items()})
+  assert tokens.shape == (1, 4) and (0 <= tokens).all() and (tokens < config.text_config.vocab_size).all()
+  with pytest.raises(ValueError, match="quantize"):
+    pg.load_params(tiny_dir, "", jnp.float32, "nf4")
+
+
 def test_tokenizer_matches_transformers(tiny_dir):
   transformers = pytest.importorskip("transformers")
   ours = pg.LlavaTokenizer(tiny_dir)
@@ -283,7 +308,10 @@ def test_bad_example_and_adapter_fail_before_compute(demo_copy, tiny_dir, mesh, 
   c.kv_cache = "fp8"
   with pytest.raises(ValueError, match="config.kv_cache"):
     pg.run(c, str(tmp_path / "w1"), mesh)
-  c.kv_cache = ""
+  c.kv_cache, c.quantize = "", "int4"
+  with pytest.raises(ValueError, match="config.quantize"):
+    pg.run(c, str(tmp_path / "w1"), mesh)
+  c.quantize = ""
   c.require_adapter = True
   with pytest.raises(ValueError, match="adapter"):
     pg.run(c, str(tmp_path / "w2"), mesh)
