@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/device_runs.sh prepare     # here, on the CPU machine: wheels and inputs into .whl/ and .bench/
 #   bash benchmarks/device_runs.sh unet        # on the GPU machine (carry .whl): b32 LoRA step: profile, HLO, flag variants
-#   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): int8-cache attention sweep, int8 decode b4/b32
+#   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): int4 decode b4 (profiled), int8 b32, attention sweep
 #   bash benchmarks/device_runs.sh data        # on the GPU machine (carry .whl and .bench): folder vs ArrayRecord
 #
 # .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
@@ -53,11 +53,13 @@ case "$step" in
     # Triton for every GEMM: may fuse the LoRA dropout and other elementwise producers into the GEMMs.
     XLA_FLAGS="$base --xla_gpu_triton_gemm_any=true" \
       boxed 170 train_step_triton python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 ;;
-  llava)  # ~5 min on an H200: the int8-cache attention sweep at b32, then int8 decode at b4 and b32 (Pallas attention)
+  llava)  # ~9 min on an H200: int4 weights (grouped) + int8 cache at b4, profiled; int8 at b32; the attention sweep at b32
     wheels || exit 1
-    boxed 120 attention_sweep python3 -X faulthandler benchmarks/decode_attention_sweep.py --rows 32
-    boxed 200 llava_int8 python3 -X faulthandler benchmarks/llava.py --quantize int8 --kv-cache int8 \
-      --batches 4,32 --lora-batches '' ;;
+    boxed 200 llava_int4 python3 -X faulthandler benchmarks/llava.py --quantize int4 --kv-cache int8 --batches 4 \
+      --lora-batches '' --profile /tmp/llava_profile
+    boxed 200 llava_int8_b32 python3 -X faulthandler benchmarks/llava.py --quantize int8 --kv-cache int8 \
+      --batches 32 --lora-batches ''
+    boxed 120 attention_sweep python3 -X faulthandler benchmarks/decode_attention_sweep.py --rows 32 ;;
   data)  # ~4 min
     wheels || exit 1
     for size in "" 1024; do

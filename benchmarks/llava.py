@@ -104,7 +104,8 @@ def make_inputs(config: ln.LlavaNextConfig, batch: int, image_px: int, rng):
 
 def bench_generation(args, config, params, results):
   model = ln.LlavaNextForConditionalGeneration(config, dtype=jnp.bfloat16, attention_impl=args.attention)
-  lm_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params["language_model"]))
+  lm_bytes = sum(x.size * jnp.iinfo(x.dtype).bits // 8 if jnp.issubdtype(x.dtype, jnp.integer) else x.nbytes
+                 for x in jax.tree.leaves(params["language_model"]))  # int4 counted packed (half a byte).
   step_floor = lm_bytes / hbm_bytes_per_s()
   rng = np.random.default_rng(0)
   for batch in args.batches:
@@ -240,9 +241,9 @@ def main():
   parser.add_argument("--remat", default="dots", choices=tuple(llama.REMAT_POLICIES))
   parser.add_argument("--answer-window", type=int, default=511, help="positions whose logits the loss computes")
   parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
-  parser.add_argument("--quantize", default="", choices=("", "int8"),
-                      help="generation with the decoder's Linear kernels per-channel int8 (models/quantize.py): "
-                           "half the weight bytes a decode step reads")
+  parser.add_argument("--quantize", default="", choices=("", "int8", "int4"),
+                      help="generation with the decoder's Linear kernels per-channel int8, or int4 with a scale per "
+                           "64 rows (models/quantize.py): half (a quarter) of the weight bytes a decode step reads")
   parser.add_argument("--kv-cache", default="", choices=("", "int8"),
                       help="generation with an int8 KV cache (one fp32 scale per cached vector; llama.init_cache)")
   parser.add_argument("--explicit-mask", action="store_true",
@@ -271,10 +272,11 @@ def main():
   print(f"random params: {n / 1e9:.2f}B in {time.perf_counter() - t0:.1f}s", flush=True)
   results = []
   gen_params = params
-  if args.quantize == "int8":  # The decoder layers' kernels, as promptgen_train's `quantize` does (host NumPy).
+  if args.quantize:  # The decoder layers' kernels, as promptgen_generate's `quantize` does (host NumPy).
     from idmp_jax.models import quantize
     lm = jax.device_get(params["language_model"])
-    lm = quantize.quantize_int8(lm, lambda p: "layers" in "/".join(p))
+    fn = quantize.quantize_int8 if args.quantize == "int8" else quantize.quantize_int4
+    lm = fn(lm, lambda p: "layers" in "/".join(p))
     gen_params = dict(params, language_model=jax.device_put(lm))
   bench_generation(args, config, gen_params, results)
   del gen_params

@@ -267,6 +267,8 @@ def test_int8_weights_and_cache_generate(tiny_dir, demo_root):  # noqa: F811
   assert tokens.shape == (1, 4) and (0 <= tokens).all() and (tokens < config.text_config.vocab_size).all()
   with pytest.raises(ValueError, match="quantize"):
     pg.load_params(tiny_dir, "", jnp.float32, "nf4")
+  with pytest.raises(ValueError, match="not divisible"):  # The tiny decoder's 32-wide rows: no groups of 64.
+    pg.load_params(tiny_dir, "", jnp.float32, "int4")
 
 
 def test_tokenizer_matches_transformers(tiny_dir):
@@ -308,7 +310,7 @@ def test_bad_example_and_adapter_fail_before_compute(demo_copy, tiny_dir, mesh, 
   c.kv_cache = "fp8"
   with pytest.raises(ValueError, match="config.kv_cache"):
     pg.run(c, str(tmp_path / "w1"), mesh)
-  c.kv_cache, c.quantize = "", "int4"
+  c.kv_cache, c.quantize = "", "nf4"
   with pytest.raises(ValueError, match="config.quantize"):
     pg.run(c, str(tmp_path / "w1"), mesh)
   c.quantize = ""

@@ -6,6 +6,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -219,6 +220,31 @@ def test_int8_weights_dequantised_in_the_matmul(prepared):
   deq = _our_logits(config, quantize.dequantize(q), batch)
   assert rel_err(_our_logits(config, q, batch)[real], deq[real]) <= 1e-5  # (x @ q) * s == x @ (q * s)
   assert 1e-6 < rel_err(deq[real], _our_logits(config, params, batch)[real]) <= 2e-2
+
+
+def test_int4_grouped_weights_dequantised_in_the_matmul(prepared):
+  """int4 with one scale per 16 input rows of each column: every weight within half a step of its group's grid,
+  the model's grouped matmul equal to the dequantised model's, and the 4-bit loss bounded."""
+  config, params = ln.load_pretrained(prepared["model_dir"])
+  batch, _, _ = _batch(prepared, config, rows=(0,))
+  is_decoder = lambda p: p[0] == "language_model" and "layers" in "/".join(p)
+  q = quantize.quantize_int4(params, is_decoder, group_size=16)
+  kernel = q["language_model"]["model"]["layers_0"]["mlp"]["down_proj"]
+  tc = config.text_config
+  assert kernel["kernel"].dtype == jnp.int4 and kernel["kernel_scale"].shape == (tc.intermediate_size // 16,
+                                                                                 tc.hidden_size)
+  assert np.abs(kernel["kernel"].astype(np.int32)).max() == 7
+  w = params["language_model"]["model"]["layers_0"]["mlp"]["down_proj"]["kernel"]
+  step = np.repeat(kernel["kernel_scale"], 16, axis=0)
+  assert np.all(np.abs(quantize.dequantize_kernel(kernel["kernel"], kernel["kernel_scale"]) - w) <= step / 2 + 1e-7)
+  real = batch["attention_mask"].astype(bool)
+  deq = _our_logits(config, quantize.dequantize(q), batch)
+  assert rel_err(_our_logits(config, q, batch)[real], deq[real]) <= 1e-5
+  assert 1e-4 < rel_err(deq[real], _our_logits(config, params, batch)[real]) <= 0.3
+  with pytest.raises(ValueError, match="not divisible"):
+    quantize.quantize_int4(params, is_decoder, group_size=7)
+  with pytest.raises(ValueError, match="group_size"):
+    quantize.quantize_int4(params, is_decoder, group_size=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

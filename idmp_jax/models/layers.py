@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from idmp_jax.models import quantize
+
 Dtype = Any
 
 default_kernel_init = nn.initializers.lecun_normal()
@@ -20,7 +22,7 @@ default_kernel_init = nn.initializers.lecun_normal()
 
 class Linear(nn.Module):
   """torch.nn.Linear. A LoRA adapter is used when the param tree holds `lora_a`/`lora_b` leaves beside the kernel
-  (see `idmp_jax.models.lora`), and an int8 kernel is dequantised when a `kernel_scale` leaf is beside it (see
+  (see `idmp_jax.models.lora`), and an int8/int4 kernel is dequantised when a `kernel_scale` leaf is beside it (see
   `idmp_jax.models.quantize`): the base module stays ignorant of which layers are adapted or quantised."""
   features: int
   use_bias: bool = True
@@ -30,9 +32,10 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", default_kernel_init, (x.shape[-1], self.features), self.param_dtype)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-    if self.has_variable("params", "kernel_scale"):  # int8 weights (idmp_jax.models.quantize): per-column scale.
-      y = y * self.get_variable("params", "kernel_scale").astype(self.dtype)
+    if self.has_variable("params", "kernel_scale"):  # int8 / int4 weights (idmp_jax.models.quantize).
+      y = quantize.matmul(x, kernel, self.get_variable("params", "kernel_scale"), self.dtype)
+    else:
+      y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)

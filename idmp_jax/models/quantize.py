@@ -1,18 +1,24 @@
-"""int8 for frozen Linear kernels (a param-tree transform, like LoRA: `idmp_jax.models.lora`) and for the KV cache.
+"""int8 and int4 for frozen Linear kernels (param-tree transforms, like LoRA: `idmp_jax.models.lora`) and int8 for
+the KV cache.
 
 `quantize_int8(params, predicate)` replaces each selected 2-D `kernel` (in, out) by
 
   kernel        (in, out) int8      round(W / s), symmetric, in [-127, 127]
   kernel_scale  (out,)    fp32      s = max_i |W[i, o]| / 127 (per output channel; 1 for an all-zero channel)
 
-and `idmp_jax.models.layers.Linear` dequantises in the matmul when it finds `kernel_scale`:
+and `idmp_jax.models.layers.Linear` dequantises in the matmul when it finds `kernel_scale` (`matmul`):
 y = (x @ kernel.astype(dtype)) * s, which equals x @ (kernel * s) because s scales whole output columns. So the
 base model is unchanged, its frozen weights take half the memory of bf16, and a LoRA adapter beside the kernel
 still works (its leaves stay fp32). The error per weight is at most s / 2 (half a step of its channel's grid).
 
-Why int8 and not the original's 4-bit NF4 (bitsandbytes): NF4 needs a lookup-table dequantise and packed
-nibbles, which XLA would run as separate unfused ops; per-channel int8 is a convert and a multiply that XLA
-fuses into the dot's operand, and it keeps the 7B base at ~7 GB, enough to train on one 80 GB card.
+`quantize_int4(params, predicate, group_size)` is the 4-bit analogue, with one scale per `group_size` rows of
+each output column (kernel (in, out) int4 in [-7, 7], kernel_scale (in / group_size, out) fp32), as 4-bit
+schemes need to stay accurate (the original's NF4 uses blocks of 64); the matmul then multiplies the converted
+kernel by its broadcast scales before the dot (`matmul`), a prologue XLA can fuse into the GEMM's operand load.
+A quarter of bf16's weight bytes. Its speed on the GPU is not measured yet (BENCHMARKS.md).
+
+Why not the original's NF4 (bitsandbytes): NF4 needs a lookup-table dequantise and packed nibbles, which XLA
+would run as separate unfused ops; symmetric integer grids are a convert and a multiply that XLA fuses.
 
 The KV cache (`idmp_jax.models.llama.init_cache(..., dtype=jnp.int8)`) uses the same symmetric scheme per cached
 vector: each (row, head, slot) key or value of head_dim numbers is stored as int8 with one fp32 scale
@@ -30,23 +36,54 @@ from flax import traverse_util
 SCALE = "kernel_scale"
 
 
-def _symmetric_int8(x, axis: int, xp):
-  """The one scheme: (int8 q, fp32 scale) with scale = max |x| / 127 along `axis` (1 where all zero) and
-  q = round(x / scale) in [-127, 127]. `xp` is numpy (host, the 7B weights) or jax.numpy (traced, the cache)."""
+def _symmetric_int8(x, axis: int, xp, qmax: int = 127, qtype=np.int8):
+  """The one scheme: (q, fp32 scale) with scale = max |x| / qmax along `axis` (1 where all zero) and
+  q = round(x / scale) in [-qmax, qmax], stored as `qtype`. `xp` is numpy (host, the 7B weights) or jax.numpy
+  (traced, the cache)."""
   xf = xp.asarray(x, xp.float32)
   amax = xp.max(xp.abs(xf), axis=axis)
-  scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
-  q = xp.clip(xp.round(xf / xp.expand_dims(scale, axis)), -127, 127).astype(xp.int8)
+  scale = xp.where(amax > 0, amax / qmax, 1.0).astype(xp.float32)
+  q = xp.clip(xp.round(xf / xp.expand_dims(scale, axis)), -qmax, qmax).astype(qtype)
   return q, scale
 
 
-def quantize_kernel(kernel) -> tuple[np.ndarray, np.ndarray]:
-  """(in, out) float -> (int8 (in, out), fp32 scale (out,)), symmetric per output channel, on the host."""
-  return _symmetric_int8(kernel, 0, np)
+def quantize_kernel(kernel, bits: int = 8, group_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """(in, out) float -> (int8 or int4 (in, out), fp32 scale), symmetric, on the host. Scale (out,) per output
+  channel, or with group_size (in / group_size, out): one per group_size consecutive rows of each column."""
+  qmax, qtype = {8: (127, np.int8), 4: (7, jnp.int4)}[bits]
+  kernel = np.asarray(kernel)
+  if not group_size:
+    return _symmetric_int8(kernel, 0, np, qmax, qtype)
+  k, n = kernel.shape
+  if k % group_size:
+    raise ValueError(f"quantize: {k} input rows are not divisible into groups of {group_size}")
+  q, scale = _symmetric_int8(kernel.reshape(k // group_size, group_size, n), 1, np, qmax, qtype)
+  return q.reshape(k, n), scale
+
+
+def _dequantize(q, scale, dtype):
+  w = q.astype(dtype)
+  if scale.ndim == 1:
+    return w * scale.astype(dtype)
+  groups = scale.shape[0]
+  return (w.reshape(groups, -1, w.shape[-1]) * scale.astype(dtype)[:, None, :]).reshape(w.shape)
 
 
 def dequantize_kernel(q, scale, dtype=jnp.float32):
-  return q.astype(dtype) * scale.astype(dtype)
+  return _dequantize(q, scale, dtype)
+
+
+def matmul(x, q, scale, dtype):
+  """(x @ dequantised kernel) in `dtype`: a per-column scale after the dot (int8), or grouped scales applied to
+  the converted kernel before it (int4)."""
+  x = x.astype(dtype)
+  if scale.ndim == 1:
+    return jnp.dot(x, q.astype(dtype)) * scale.astype(dtype)
+  groups, (k, n) = scale.shape[0], q.shape
+  # Contracting over (group, row in group) keeps the scales a plain broadcast of the converted kernel (no reshape
+  # between them), the operand form XLA fuses into its GEMM.
+  w = q.reshape(groups, k // groups, n).astype(dtype) * scale.astype(dtype)[:, None, :]
+  return jnp.einsum("...gr,grn->...n", x.reshape(*x.shape[:-1], groups, k // groups), w)
 
 
 def quantize_vectors(x):
@@ -60,18 +97,32 @@ def dequantize_vectors(q, scale, dtype):
 
 def quantize_int8(params, predicate: Callable[[tuple], bool]) -> dict:
   """Quantises every 2-D `kernel` whose module path (the path without the leaf) satisfies `predicate`."""
+  return _quantize_tree(params, predicate, quantize_kernel)
+
+
+INT4_GROUP = 64  # Rows per int4 scale: the original's NF4 block size.
+
+
+def quantize_int4(params, predicate: Callable[[tuple], bool], group_size: int = INT4_GROUP) -> dict:
+  """As `quantize_int8`, to int4 with one scale per `group_size` input rows of each output column."""
+  if group_size <= 0:
+    raise ValueError(f"quantize_int4: group_size must be positive, got {group_size}")
+  return _quantize_tree(params, predicate, lambda w: quantize_kernel(w, 4, group_size))
+
+
+def _quantize_tree(params, predicate, quantize_fn) -> dict:
   flat = traverse_util.flatten_dict(params)
   out = dict(flat)
   for path, value in flat.items():
     if path[-1] == "kernel" and np.ndim(value) == 2 and predicate(path[:-1]):
       if path[:-1] + (SCALE,) in flat:
         raise ValueError(f"{'/'.join(path)} is already quantised")
-      out[path], out[path[:-1] + (SCALE,)] = quantize_kernel(value)
+      out[path], out[path[:-1] + (SCALE,)] = quantize_fn(value)
   return traverse_util.unflatten_dict(out)
 
 
 def dequantize(params) -> dict:
-  """The float tree back (fp32 kernels) from a tree `quantize_int8` made."""
+  """The float tree back (fp32 kernels) from a tree `quantize_int8` or `quantize_int4` made."""
   flat = traverse_util.flatten_dict(params)
   out = {p: v for p, v in flat.items() if p[-1] != SCALE}
   for path, scale in flat.items():

@@ -35,8 +35,8 @@ copy of the params (replicated: 14 GB for the 7B in bf16); processes split the s
 (sequence and image-feature counts rounded up to `length_bucket`, views padded to the most any image can have) so
 a device compiles once per bucket, not once per batch.
 
-Differences from the original: weights in `dtype` (bf16) instead of 4-bit NF4, or per-channel int8 with
-`config.quantize="int8"` (applied after the adapter is merged); the question is not truncated to
+Differences from the original: weights in `dtype` (bf16) instead of 4-bit NF4, or per-channel int8 or grouped
+int4 with `config.quantize` (applied after the adapter is merged); the question is not truncated to
 512 tokens (it is ~70). The tokenizer is the folder's tokenizer.json read with `tokenizers` (`LlavaTokenizer`).
 `config.adapter` (the fine-tuned variants' LoRA): a peft folder (adapter_config.json + adapter_model.safetensors),
 written by `promptgen_train` or by peft itself under transformers 4.x or 5.x module names; it is merged into the
@@ -78,7 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.kv_cache = ""                 # "" = the compute dtype; "int8": one scale per cached vector, half the bytes a
                                   # decode step reads from the cache (lossy; models/quantize.py).
   c.quantize = ""                 # "" = the compute dtype; "int8": the decoder's Linear kernels per-channel int8
-                                  # (after the adapter is merged), half the weight bytes a decode step reads (lossy).
+                                  # (after the adapter is merged), half the weight bytes a decode step reads;
+                                  # "int4": 4-bit with a scale per 64 rows (as the original's NF4), a quarter.
+                                  # Both lossy (models/quantize.py).
   c.model_dir = ""                # llava-v1.6-vicuna-7b-hf folder (weights + tokenizer.json); "tiny": a tiny random
                                   # one built in workdir (idmp_jax/tiny_llava.py).
   c.adapter = ""                  # peft LoRA adapter folder of the fine-tuned variants ("" = base model).
@@ -288,8 +290,8 @@ def _prepare_inputs(config, workdir):
     raise ValueError(f"config.examples = {config.examples!r}: expected 'llava' or 'inpainting'")
   if config.kv_cache not in ("", "int8"):
     raise ValueError(f"config.kv_cache = {config.kv_cache!r}: expected '' (the compute dtype) or 'int8'")
-  if config.quantize not in ("", "int8"):
-    raise ValueError(f"config.quantize = {config.quantize!r}: expected '' (the compute dtype) or 'int8'")
+  if config.quantize not in ("", "int8", "int4"):
+    raise ValueError(f"config.quantize = {config.quantize!r}: expected '' (the compute dtype), 'int8' or 'int4'")
   model_dir, model_config = resolve_model_dir(config.model_dir, workdir, config.seed)
   if config.require_adapter and not config.adapter:
     raise ValueError(f"config {config.name!r} is a fine-tuned variant: set config.adapter to its LoRA adapter")
@@ -443,15 +445,18 @@ class MaskPromptWriter:
 def load_params(model_dir: str, adapter: str, dtype, quantize_weights: str = ""):
   """The generation params on the host: cast to `dtype` (no fp32 copy on any device), the LoRA adapter folded
   into the kernels (W + scale * A B in fp32, one rounding: no adapter cost per token), then with
-  `quantize_weights="int8"` the decoder layers' Linear kernels per-channel int8 (`models/quantize.py`; the
-  vision tower, projector, embeddings and head stay in `dtype`)."""
+  `quantize_weights="int8"` ("int4") the decoder layers' Linear kernels in per-channel int8 (grouped int4;
+  `models/quantize.py`; the vision tower, projector, embeddings and head stay in `dtype`)."""
   _, params = ln.load_pretrained(model_dir, dtype=dtype)
   if adapter:
     params = jax.device_get(lora.merge_lora(ln.load_peft_adapter(adapter, params)))
+  is_decoder_layer = lambda p: p[0] == "language_model" and "layers" in "/".join(p)
   if quantize_weights == "int8":
-    params = quantize.quantize_int8(params, lambda p: p[0] == "language_model" and "layers" in "/".join(p))
+    params = quantize.quantize_int8(params, is_decoder_layer)
+  elif quantize_weights == "int4":
+    params = quantize.quantize_int4(params, is_decoder_layer)
   elif quantize_weights:
-    raise ValueError(f"quantize {quantize_weights!r}: expected '' or 'int8'")
+    raise ValueError(f"quantize {quantize_weights!r}: expected '', 'int8' or 'int4'")
   return params
 
 
