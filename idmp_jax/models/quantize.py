@@ -36,7 +36,7 @@ from flax import traverse_util
 SCALE = "kernel_scale"
 
 
-def _symmetric_int8(x, axis: int, xp, qmax: int = 127, qtype=np.int8):
+def _symmetric(x, axis: int, xp, qmax: int = 127, qtype=np.int8):
   """The one scheme: (q, fp32 scale) with scale = max |x| / qmax along `axis` (1 where all zero) and
   q = round(x / scale) in [-qmax, qmax], stored as `qtype`. `xp` is numpy (host, the 7B weights) or jax.numpy
   (traced, the cache)."""
@@ -53,11 +53,11 @@ def quantize_kernel(kernel, bits: int = 8, group_size: int = 0) -> tuple[np.ndar
   qmax, qtype = {8: (127, np.int8), 4: (7, jnp.int4)}[bits]
   kernel = np.asarray(kernel)
   if not group_size:
-    return _symmetric_int8(kernel, 0, np, qmax, qtype)
+    return _symmetric(kernel, 0, np, qmax, qtype)
   k, n = kernel.shape
   if k % group_size:
     raise ValueError(f"quantize: {k} input rows are not divisible into groups of {group_size}")
-  q, scale = _symmetric_int8(kernel.reshape(k // group_size, group_size, n), 1, np, qmax, qtype)
+  q, scale = _symmetric(kernel.reshape(k // group_size, group_size, n), 1, np, qmax, qtype)
   return q.reshape(k, n), scale
 
 
@@ -88,7 +88,7 @@ def matmul(x, q, scale, dtype):
 
 def quantize_vectors(x):
   """(..., d) float -> (int8 (..., d), fp32 scale (...)): symmetric over the last axis (traceable)."""
-  return _symmetric_int8(x, -1, jnp)
+  return _symmetric(x, -1, jnp)
 
 
 def dequantize_vectors(q, scale, dtype):
