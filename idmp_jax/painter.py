@@ -198,11 +198,15 @@ class Painter:
 
   @classmethod
   def load(cls, *, model_dir: str = "tiny", llava_dir: str = "tiny", llava_adapter: str = "",
-           workdir: str = "workdir/paint", lora: str = "",
+           llava_quantize: str = "", llava_kv_cache: str = "", workdir: str = "workdir/paint", lora: str = "",
            load_prompt_writer: bool = True, prompt_max_new_tokens: int = 128, prompt_chunk_size: int = 16,
            dtype: str = "bfloat16", attention: str = "auto", seed: int = 0, log: Callable[[str], None] = print,
            **options) -> "Painter":
     """From model folders; "tiny" builds a tiny random one in workdir (no downloads) and says so."""
+    for field, value, allowed in (("config.llava_quantize", llava_quantize, ("", "int8", "int4")),
+                                  ("config.llava_kv_cache", llava_kv_cache, ("", "int8"))):
+      if value not in allowed:
+        raise ValueError(f"{field} = {value!r}: expected one of {allowed}")
     t0 = time.perf_counter()
     notes = []
     if model_dir == "tiny":  # NumPy-drawn weights: no compilation (make_tiny_pipeline's Linen init has one).
@@ -216,9 +220,10 @@ class Painter:
     writer = None
     if load_prompt_writer:
       from idmp_jax.tasks.promptgen_generate import MaskPromptWriter
-      writer = MaskPromptWriter.load(llava_dir, adapter=llava_adapter, dtype=jnp.dtype(dtype), attention=attention,
-                                     workdir=workdir,
-                                     seed=seed, max_new_tokens=prompt_max_new_tokens, chunk_size=prompt_chunk_size)
+      writer = MaskPromptWriter.load(llava_dir, adapter=llava_adapter, quantize=llava_quantize,
+                                     kv_cache=llava_kv_cache, dtype=jnp.dtype(dtype), attention=attention,
+                                     workdir=workdir, seed=seed, max_new_tokens=prompt_max_new_tokens,
+                                     chunk_size=prompt_chunk_size)
       if llava_dir == "tiny":
         notes.append("llava_dir=tiny: a tiny random LLaVA-NeXT, so the prompts are random text; give "
                      "--config.llava_dir=.../llava-v1.6-vicuna-7b-hf --config.llava_adapter=DIR (the MultiMask "
@@ -234,6 +239,7 @@ class Painter:
   def from_config(cls, config, workdir: str, load_prompt_writer: bool = True, **kwargs) -> "Painter":
     """From a paint / paint_app config (configs/paint.py, configs/app.py)."""
     return cls.load(model_dir=config.model_dir, llava_dir=config.llava_dir, llava_adapter=config.llava_adapter,
+                    llava_quantize=config.llava_quantize, llava_kv_cache=config.llava_kv_cache,
                     workdir=workdir, lora=config.lora,
                     load_prompt_writer=load_prompt_writer, prompt_max_new_tokens=config.prompt_max_new_tokens,
                     dtype=config.dtype, attention=config.attention, seed=config.seed,

@@ -79,12 +79,28 @@ def test_paint_without_prompts_runs_the_prompt_generator(inputs, tiny_models, tm
   assert Image.open(tmp_path / "grid.png").size[0] == 128
 
 
+def test_prompt_generator_on_int8_weights_and_cache(inputs, tiny_models, tmp_path):
+  """llava_quantize / llava_kv_cache: the generator runs on int8 decoder weights and an int8 cache and still writes
+  one prompt per mask (random text: the tiny model is random)."""
+  import jax
+  from idmp_jax import painter as painter_lib
+  c = config_for(inputs, tiny_models, prompts="", llava_quantize="int8", llava_kv_cache="int8")
+  out = paint.run(c, str(tmp_path), parallel.make_mesh(c))
+  assert [r["mask"] for r in out["prompts"]] == ["boat", "sky"]
+  assert all(isinstance(r["prompt"], str) and r["prompt"].strip() for r in out["prompts"])
+  writer = painter_lib.Painter.from_config(c, str(tmp_path), log=lambda _: None).prompt_writer
+  decoder = jax.tree.leaves(writer.params["language_model"]["model"]["layers_0"])
+  assert any(x.dtype == np.int8 for x in decoder) and np.dtype(writer.generator.cache_dtype) == np.int8
+
+
 @pytest.mark.parametrize("overrides,error,match", [
     (dict(masks="{d}/boat.png,{d}/small.png"), BadExampleError, "small.png"),
     (dict(masks="{d}/empty.png"), ValueError, "empty.png"),
     (dict(masks=",".join(["{d}/boat.png"] * 6), prompts="|".join("abcdef")), ValueError, "max_concepts"),
     (dict(prompts="a red boat|"), ValueError, "prompts"),
     (dict(image="{d}/missing.png"), BadExampleError, "missing.png"),
+    (dict(prompts="", llava_quantize="nf4"), ValueError, "config.llava_quantize"),
+    (dict(prompts="", llava_kv_cache="fp8"), ValueError, "config.llava_kv_cache"),
 ])
 def test_bad_inputs_are_named(inputs, tmp_path, overrides, error, match):
   c = config_for(inputs, **{k: v.format(d=inputs) for k, v in overrides.items()})

@@ -406,26 +406,28 @@ class MaskPromptWriter:
   def __init__(self, model_config: ln.LlavaNextConfig, params, tokenizer: LlavaTokenizer,
                proc_config: lp.ImageProcessorConfig, *, dtype=jnp.bfloat16, attention: str = "auto",
                max_new_tokens: int = 128, chunk_size: int = 16, length_bucket: int = 256,
-               stop_string: str = "</red>"):
-    """params: the model's, already in `dtype` and on the device (`load` does both)."""
+               stop_string: str = "</red>", kv_cache: str = ""):
+    """params: the model's, already in `dtype` (or quantised) and on the device (`load` does both). kv_cache:
+    "" (the compute dtype) or "int8"."""
     self.model_config, self.params, self.tokenizer, self.proc_config = model_config, params, tokenizer, proc_config
     self.length_bucket, self.stop_string = length_bucket, stop_string
     gen_config = generation_config(model_config, tokenizer, max_new_tokens=max_new_tokens, chunk_size=chunk_size)
-    key = (model_config, gen_config, jnp.dtype(dtype), attention)
+    key = (model_config, gen_config, jnp.dtype(dtype), attention, kv_cache)
     if key not in _WRITER_GENERATORS:  # Shared by writers of the same model: compiled once per process.
       model = ln.LlavaNextForConditionalGeneration(model_config, dtype=jnp.dtype(dtype), attention_impl=attention)
-      _WRITER_GENERATORS[key] = generation.Generator(model, gen_config)
+      _WRITER_GENERATORS[key] = generation.Generator(model, gen_config, cache_dtype=kv_cache or None)
     self.generator = _WRITER_GENERATORS[key]
 
   @classmethod
-  def load(cls, model_dir: str, *, adapter: str = "", dtype=jnp.bfloat16, workdir: str = ".", seed: int = 0,
-           field: str = "config.llava_dir", **kwargs) -> "MaskPromptWriter":
+  def load(cls, model_dir: str, *, adapter: str = "", quantize: str = "", dtype=jnp.bfloat16, workdir: str = ".",
+           seed: int = 0, field: str = "config.llava_dir", **kwargs) -> "MaskPromptWriter":
     """From a llava-hf folder ("tiny": the tiny random one, built in workdir) and optionally the MultiMask peft
-    adapter (`promptgen_train`'s export/adapter), merged into the kernels once as `run` does."""
+    adapter (`promptgen_train`'s export/adapter), merged into the kernels once and then quantised ("int8",
+    "int4") as `run` does."""
     model_dir, model_config = resolve_model_dir(model_dir, workdir, seed, field=field)
     if adapter:
       check_adapter(adapter, field="config.llava_adapter")
-    params = load_params(model_dir, adapter, jnp.dtype(dtype))  # Cast on the host, then moved once.
+    params = load_params(model_dir, adapter, jnp.dtype(dtype), quantize)  # Cast on the host, then moved once.
     return cls(model_config, jax.device_put(params), LlavaTokenizer(model_dir), lp.ImageProcessorConfig.load(model_dir),
                dtype=dtype, **kwargs)
 
