@@ -39,8 +39,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.llava_dir = "tiny"        # MultiMask LLaVA-NeXT folder (llava-v1.6-vicuna-7b-hf layout) that writes the prompts;
                               # "tiny" builds a tiny random one (the prompts are random text).
   c.llava_adapter = ""        # The MultiMask peft adapter (promptgen_train's export/adapter), merged at load.
-  c.llava_quantize = ""       # "int8" | "int4": the generator's decoder weights quantised after the merge (the 7B
-                              # in 7.0 / ~3.9 GB instead of 13.5 in bf16: room beside SD-2 on a smaller card); lossy.
+  c.llava_quantize = ""       # "int8" | "int4": the generator's decoder weights quantised after the merge (its
+                              # language model in 7.0 / ~4 GB instead of 13.5 in bf16: room beside SD-2); lossy.
   c.llava_kv_cache = ""       # "int8": the generator's KV cache in int8 (lossy).
   c.prompt_max_new_tokens = 128  # The answer stops at </red> (asked last) well before this on a trained model.
   c.image = ""                # The painting to fill in.
