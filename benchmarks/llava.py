@@ -275,8 +275,7 @@ def main():
   if args.quantize:  # The decoder layers' kernels, as promptgen_generate's `quantize` does (host NumPy).
     from idmp_jax.models import quantize
     lm = jax.device_get(params["language_model"])
-    fn = quantize.quantize_int8 if args.quantize == "int8" else quantize.quantize_int4
-    lm = fn(lm, lambda p: "layers" in "/".join(p))
+    lm = quantize.quantize_weights(lm, args.quantize, lambda p: "layers" in "/".join(p))
     gen_params = dict(params, language_model=jax.device_put(lm))
   bench_generation(args, config, gen_params, results)
   del gen_params

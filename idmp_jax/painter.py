@@ -30,6 +30,7 @@ from idmp_jax import sampling, schedulers
 from idmp_jax.data.inpainting import InpaintingConfig, make_inpainting_example
 from idmp_jax.data.llava import COLORS
 from idmp_jax.data.tokenizer import load_clip_tokenizer
+from idmp_jax.models import quantize
 
 MAX_PIXELS = 4096 * 4096
 SCHEDULERS = ("", "pndm", "ddim", "dpm++")  # "" = the model folder's own (SD-2: PNDM).
@@ -203,7 +204,7 @@ class Painter:
            dtype: str = "bfloat16", attention: str = "auto", seed: int = 0, log: Callable[[str], None] = print,
            **options) -> "Painter":
     """From model folders; "tiny" builds a tiny random one in workdir (no downloads) and says so."""
-    for field, value, allowed in (("config.llava_quantize", llava_quantize, ("", "int8", "int4")),
+    for field, value, allowed in (("config.llava_quantize", llava_quantize, quantize.WEIGHT_FORMATS),
                                   ("config.llava_kv_cache", llava_kv_cache, ("", "int8"))):
       if value not in allowed:
         raise ValueError(f"{field} = {value!r}: expected one of {allowed}")

@@ -298,6 +298,12 @@ class LlavaNextForConditionalGeneration(nn.Module):
     return self.language_model.decode_step(input_ids, cache)
 
 
+def is_decoder_layer(path: tuple) -> bool:
+  """A module path inside the language model's decoder layers: what weight quantisation applies to (the vision
+  tower, projector, embeddings and head stay in the compute dtype)."""
+  return path[0] == "language_model" and "layers" in "/".join(path)
+
+
 def abstract_params(config: LlavaNextConfig) -> dict:
   """The param tree's shapes (fp32), without allocating it."""
   model = LlavaNextForConditionalGeneration(config)

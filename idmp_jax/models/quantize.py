@@ -61,16 +61,20 @@ def quantize_kernel(kernel, bits: int = 8, group_size: int = 0) -> tuple[np.ndar
   return q.reshape(k, n), scale
 
 
-def _dequantize(q, scale, dtype):
-  w = q.astype(dtype)
-  if scale.ndim == 1:
-    return w * scale.astype(dtype)
-  groups = scale.shape[0]
-  return (w.reshape(groups, -1, w.shape[-1]) * scale.astype(dtype)[:, None, :]).reshape(w.shape)
+WEIGHT_FORMATS = ("", "int8", "int4")  # What the tasks' `quantize` options take ("" = the compute dtype).
+
+
+def _grouped_weight(q, scale, dtype):
+  """A grouped (int4) kernel dequantised as (groups, rows per group, out): the converted kernel times a plain
+  broadcast of its scales."""
+  groups, (k, n) = scale.shape[0], q.shape
+  return q.reshape(groups, k // groups, n).astype(dtype) * scale.astype(dtype)[:, None, :]
 
 
 def dequantize_kernel(q, scale, dtype=jnp.float32):
-  return _dequantize(q, scale, dtype)
+  if scale.ndim == 1:
+    return q.astype(dtype) * scale.astype(dtype)
+  return _grouped_weight(q, scale, dtype).reshape(q.shape)
 
 
 def matmul(x, q, scale, dtype):
@@ -79,11 +83,18 @@ def matmul(x, q, scale, dtype):
   x = x.astype(dtype)
   if scale.ndim == 1:
     return jnp.dot(x, q.astype(dtype)) * scale.astype(dtype)
-  groups, (k, n) = scale.shape[0], q.shape
+  w = _grouped_weight(q, scale, dtype)
   # Contracting over (group, row in group) keeps the scales a plain broadcast of the converted kernel (no reshape
   # between them), the operand form XLA fuses into its GEMM.
-  w = q.reshape(groups, k // groups, n).astype(dtype) * scale.astype(dtype)[:, None, :]
-  return jnp.einsum("...gr,grn->...n", x.reshape(*x.shape[:-1], groups, k // groups), w)
+  return jnp.einsum("...gr,grn->...n", x.reshape(*x.shape[:-1], *w.shape[:2]), w)
+
+
+def quantize_weights(params, fmt: str, predicate: Callable[[tuple], bool]) -> dict:
+  """`fmt` of WEIGHT_FORMATS applied to the kernels `predicate` selects ("" returns params unchanged)."""
+  if fmt not in WEIGHT_FORMATS:
+    raise ValueError(f"quantize {fmt!r}: expected one of {WEIGHT_FORMATS}")
+  return {"": lambda: params, "int8": lambda: quantize_int8(params, predicate),
+          "int4": lambda: quantize_int4(params, predicate)}[fmt]()
 
 
 def quantize_vectors(x):

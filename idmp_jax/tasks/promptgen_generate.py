@@ -290,8 +290,8 @@ def _prepare_inputs(config, workdir):
     raise ValueError(f"config.examples = {config.examples!r}: expected 'llava' or 'inpainting'")
   if config.kv_cache not in ("", "int8"):
     raise ValueError(f"config.kv_cache = {config.kv_cache!r}: expected '' (the compute dtype) or 'int8'")
-  if config.quantize not in ("", "int8", "int4"):
-    raise ValueError(f"config.quantize = {config.quantize!r}: expected '' (the compute dtype), 'int8' or 'int4'")
+  if config.quantize not in quantize.WEIGHT_FORMATS:
+    raise ValueError(f"config.quantize = {config.quantize!r}: expected one of {quantize.WEIGHT_FORMATS}")
   model_dir, model_config = resolve_model_dir(config.model_dir, workdir, config.seed)
   if config.require_adapter and not config.adapter:
     raise ValueError(f"config {config.name!r} is a fine-tuned variant: set config.adapter to its LoRA adapter")
@@ -452,14 +452,7 @@ def load_params(model_dir: str, adapter: str, dtype, quantize_weights: str = "")
   _, params = ln.load_pretrained(model_dir, dtype=dtype)
   if adapter:
     params = jax.device_get(lora.merge_lora(ln.load_peft_adapter(adapter, params)))
-  is_decoder_layer = lambda p: p[0] == "language_model" and "layers" in "/".join(p)
-  if quantize_weights == "int8":
-    params = quantize.quantize_int8(params, is_decoder_layer)
-  elif quantize_weights == "int4":
-    params = quantize.quantize_int4(params, is_decoder_layer)
-  elif quantize_weights:
-    raise ValueError(f"quantize {quantize_weights!r}: expected '', 'int8' or 'int4'")
-  return params
+  return quantize.quantize_weights(params, quantize_weights, ln.is_decoder_layer)
 
 
 def run(config, workdir: str, mesh) -> dict:

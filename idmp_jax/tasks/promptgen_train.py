@@ -146,7 +146,7 @@ def frozen_base(frozen, config) -> dict:
   if config.quantize not in ("", "int8"):
     raise ValueError(f"config.quantize = {config.quantize!r}: expected '' or 'int8'")
   if config.quantize == "int8":
-    frozen = quantize.quantize_int8(frozen, lambda p: p[0] == "language_model" and "layers" in "/".join(p))
+    frozen = quantize.quantize_int8(frozen, ln.is_decoder_layer)
   dtype = jnp.dtype(config.frozen_dtype)
 
   def cast(path, x):
