@@ -14,7 +14,7 @@ def _cache(r, b, nk, s, h):
   return (quantize.quantize_vectors(jnp.asarray(r.standard_normal((b, nk, s, h)) * 2)) for _ in "kv")
 
 
-@pytest.mark.parametrize("config", [None, (1, 256, 4, 2), (3, 64, 4, 2), (8, 32, 4, 2)])
+@pytest.mark.parametrize("config", [None, (1, 256, 4, 2), (3, 64, 4, 2), (8, 32, 4, 2), (16, 64, 2, 3)])
 def test_kernel_equals_xla(config):
   """Grouped heads, masked keys (a whole masked tail, so some splits see no key), a length no tile divides."""
   r = np.random.default_rng(0 if config is None else config[0])
@@ -54,9 +54,10 @@ def test_dispatch():
     pallas_attention.decode_attention(q[..., :8], k[..., :8], v[..., :8], ks, vs, jnp.ones((b, s), bool),
                                       scale=1.0, interpret=True)
   assert pallas_attention.default_config(4, 32) == (16, 128, 4, 3)  # The tiling measured fastest (H200, b4).
-  assert pallas_attention.default_config(32, 32)[0] == 2
+  assert pallas_attention.default_config(32, 32) == (16, 64, 2, 3)  # Fastest of the sweep at b32.
   assert pallas_attention.preferred((4, 1, 32, 128), (4, 32, 3064, 128))  # Measured faster: batch 4 of the 7B.
-  assert not pallas_attention.preferred((32, 1, 32, 128), (32, 32, 3064, 128))  # Not measured: XLA.
+  assert pallas_attention.preferred((32, 1, 32, 128), (32, 32, 3064, 128))  # And batch 32.
+  assert not pallas_attention.preferred((4, 2, 32, 128), (4, 32, 3064, 128))  # Two queries: not a decode step.
   assert not attention._triton_gpu()  # On this CPU.
 
 
