@@ -143,6 +143,43 @@ def test_dropout_only_with_rng(base, rng):
   np.testing.assert_array_equal(np.asarray(lora._dropout(ones, jnp.float32(0.0), jax.random.key(5))), ones)
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+def test_adapted_linear_gradients_equal_autodiff(rng, dropout):
+  """layers.Linear's adapted matmul (custom VJP, adapter folded into the base contraction) against autodiff of
+  the plain formula W x + b + scale * B A dropout(x): outputs and the gradients of x, kernel, A and B."""
+  import flax.linen as nn
+
+  from idmp_jax.models import layers
+  x = jnp.asarray(rng.standard_normal((2, 5, 12)), jnp.float32)
+  p = {"kernel": jnp.asarray(rng.standard_normal((12, 7)), jnp.float32),
+       "bias": jnp.asarray(rng.standard_normal(7), jnp.float32),
+       "lora_a": jnp.asarray(rng.standard_normal((12, 3)), jnp.float32),
+       "lora_b": jnp.asarray(rng.standard_normal((3, 7)), jnp.float32),
+       "lora_scale": jnp.float32(0.7), "lora_dropout": jnp.float32(0.3)}
+  rngs = {lora.DROPOUT_RNG: jax.random.key(4)} if dropout else {}
+  ours = lambda p, x: layers.Linear(7).apply({"params": p}, x, rngs=rngs)
+
+  class FirstKey(nn.Module):  # The key a top-level module's first make_rng draws: the one Linear's mask uses.
+    def __call__(self):
+      return self.make_rng(lora.DROPOUT_RNG)
+
+  key = FirstKey().apply({}, rngs=rngs) if dropout else None
+
+  def plain(p, x):
+    xd = lora._dropout(x, p["lora_dropout"], key) if dropout else x
+    return x @ p["kernel"] + p["bias"] + p["lora_scale"] * (xd @ p["lora_a"]) @ p["lora_b"]
+
+  assert rel_err(ours(p, x), plain(p, x)) < 1e-6
+  ct = jnp.asarray(rng.standard_normal((2, 5, 7)), jnp.float32)
+  grads = lambda f: jax.grad(lambda p, x: jnp.sum(f(p, x) * ct), argnums=(0, 1))(p, x)
+  (g_ours, gx_ours), (g_plain, gx_plain) = grads(ours), grads(plain)
+  assert rel_err(gx_ours, gx_plain) < 1e-6
+  for leaf in ("kernel", "bias", "lora_a", "lora_b"):
+    assert rel_err(g_ours[leaf], g_plain[leaf]) < 1e-6, leaf
+  if dropout:  # The mask acted (else the test above could not tell a dropped gradient from a kept one).
+    assert rel_err(ours(p, x), layers.Linear(7).apply({"params": p}, x)) > 1e-3
+
+
 def _torch_inputs(x, t, ctx):
   return torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t), torch.from_numpy(ctx)
 

@@ -31,16 +31,20 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    from idmp_jax.models import lora  # Local import: lora imports this module.
     kernel = self.param("kernel", default_kernel_init, (x.shape[-1], self.features), self.param_dtype)
-    if self.has_variable("params", "kernel_scale"):  # int8 / int4 weights (idmp_jax.models.quantize).
+    adapted = self.has_variable("params", "lora_a")
+    quantized = self.has_variable("params", "kernel_scale")  # int8 / int4 weights (idmp_jax.models.quantize).
+    if quantized:
       y = quantize.matmul(x, kernel, self.get_variable("params", "kernel_scale"), self.dtype)
+    elif adapted:
+      y = lora.adapted_matmul(self, x, kernel)
     else:
       y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
-    if self.has_variable("params", "lora_a"):
-      from idmp_jax.models import lora  # Local import: lora imports this module.
+    if adapted and quantized:
       y = y + lora.apply_adapter(self, x).astype(y.dtype)
     return y
 

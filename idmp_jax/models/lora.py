@@ -7,7 +7,7 @@
   lora_scale    ()       fp32, frozen      alpha / r
   lora_dropout  ()       fp32, frozen      dropout rate on the adapter's input
 
-`idmp_jax.models.layers.Linear` calls `apply_adapter` when its params hold `lora_a`: y = W x + b +
+`idmp_jax.models.layers.Linear` calls `adapted_matmul` when its params hold `lora_a`: y = W x + b +
 scale * B(A(dropout(x))), as peft's `lora.Linear`. Dropout is on only when the caller passes an rng named
 `DROPOUT_RNG` to `apply` (`rngs={"lora_dropout": key}`): training passes one, inference does not. So the rate
 lives in the tree (like peft's per-layer Dropout module) and the mode lives in the call, and no model code
@@ -22,6 +22,7 @@ LLaVA-NeXT fine-tuning saves with `PeftModel.save_pretrained`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Callable, Iterable, Sequence
@@ -89,17 +90,61 @@ def init_lora(params, rng, rank: int, alpha: float, targets: Sequence[str] = DEF
   return traverse_util.unflatten_dict(out)
 
 
-def apply_adapter(module, x):
-  """scale * B(A(dropout(x))) for a Linear whose params hold LoRA leaves, in the module's compute dtype (fp32
-  adapter weights are cast like the frozen kernel, as autocast does)."""
+def adapted_matmul(module, x, kernel):
+  """x @ kernel + scale * B(A(dropout(x))) for a Linear whose params hold LoRA leaves (no bias), in the module's
+  compute dtype (fp32 adapter weights are cast like the frozen kernel, as autocast does)."""
   dtype = module.dtype
   a = module.get_variable("params", "lora_a").astype(dtype)
   b = module.get_variable("params", "lora_b").astype(dtype)
-  scale = module.get_variable("params", "lora_scale")
+  scale = module.get_variable("params", "lora_scale").astype(jnp.float32)
   if module.has_rng(DROPOUT_RNG):
-    x = _dropout(x, module.get_variable("params", "lora_dropout"), module.make_rng(DROPOUT_RNG))
-  h = jnp.dot(jnp.dot(x.astype(dtype), a), b)
-  return h * scale.astype(dtype)
+    rate = module.get_variable("params", "lora_dropout").astype(jnp.float32)
+    seed = _seed(module.make_rng(DROPOUT_RNG))
+  else:
+    rate, seed = jnp.zeros((), jnp.float32), jnp.zeros((2,), jnp.uint32)
+  lead = x.shape[:-1]
+  y = _lora_matmul(x.reshape(-1, x.shape[-1]).astype(dtype), kernel.astype(dtype), a, b, scale, rate, seed,
+                   module.has_rng(DROPOUT_RNG))
+  return y.reshape(*lead, y.shape[-1])
+
+
+# Why a custom VJP, and the adapter's product folded into the base matmul's contraction ([x | h] @ [W; B], h =
+# scale * dropout(x) A, r extra columns): autodiff of W x + B A dropout(x) keeps dropout(x) (written and read back
+# once more per adapted layer), writes B h at full width and adds it to W x in a separate pass, and does the same
+# again in the backward. On the SD-2 UNet's b32 LoRA step those passes were 21 ms of 167 (H200 profile,
+# BENCHMARKS.md). Here the forward writes [x | h] once and the base GEMM reads it; the backward takes [dx | dh] from
+# one GEMM, and recomputes the dropout mask (a hash of the element index) instead of storing it.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _lora_matmul(x, kernel, a, b, scale, rate, seed, dropout: bool):
+  return _lora_matmul_fwd(x, kernel, a, b, scale, rate, seed, dropout)[0]
+
+
+def _lora_matmul_fwd(x, kernel, a, b, scale, rate, seed, dropout):
+  xd = _apply_dropout(x, rate, seed) if dropout else x
+  h = jnp.dot(xd, a) * scale.astype(x.dtype)
+  xh = jnp.concatenate([x, h], axis=1)
+  y = jnp.dot(xh, jnp.concatenate([kernel, b], axis=0))
+  return y, (xh, kernel, a, b, scale, rate, seed)
+
+
+def _lora_matmul_bwd(dropout, res, dy):
+  xh, kernel, a, b, scale, rate, seed = res
+  k = kernel.shape[0]
+  x, h = xh[:, :k], xh[:, k:]
+  dxh = jnp.dot(dy, jnp.concatenate([kernel, b], axis=0).T)
+  dh = dxh[:, k:] * scale.astype(dy.dtype)
+  db = jnp.dot(h.T, dy, preferred_element_type=jnp.float32).astype(b.dtype)
+  xd = _apply_dropout(x, rate, seed) if dropout else x
+  da = jnp.dot(xd.T, dh, preferred_element_type=jnp.float32).astype(a.dtype)
+  dxd = jnp.dot(dh, a.T)
+  if dropout:
+    dxd = _apply_dropout(dxd, rate, seed)  # The same mask and rescaling: dropout is linear in its input.
+  dx = dxh[:, :k] + dxd
+  dkernel = jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(kernel.dtype)  # Dead code when frozen.
+  return dx, dkernel, da, db, jnp.zeros_like(scale), jnp.zeros_like(rate), np.zeros(seed.shape, jax.dtypes.float0)
+
+
+_lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
 
 
 def _lowbias32(h):
@@ -109,22 +154,43 @@ def _lowbias32(h):
   return h ^ (h >> 16)
 
 
-def _dropout(x, rate, key):
-  """Inverted dropout with a counter-based mask: 16 bits per element from hash(element index, key).
+def _seed(key):
+  return jax.random.key_data(key).astype(jnp.uint32).reshape(-1)[jnp.array([0, -1])]
+
+
+def _apply_dropout(x, rate, seed):
+  """Inverted dropout with a counter-based mask: 16 bits per element from hash(element index, seed).
 
   Not jax.random.bits: threefry inlined in each of the SD-2 UNet's 128 adapters made the XLA:CPU compile of the
   train step 25 s longer (tiny model) and costs ~100 integer ops per element on the GPU; the hash is ~10, and
   like partitionable threefry it is a pure function of the global element index, so the mask does not depend on
-  how the batch is sharded. keep iff bits >= round(rate * 2^16), rescaled by the keep probability actually used.
+  how the batch is sharded (nor on the leading axes being flattened). keep iff bits >= round(rate * 2^16),
+  rescaled by the keep probability actually used.
   """
   if x.size >= 2**32:
     raise ValueError(f"LoRA dropout on {x.size} elements: the counter-based mask needs < 2^32")
-  seed = jax.random.key_data(key).astype(jnp.uint32).reshape(-1)
   index = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)
-  bits = _lowbias32(_lowbias32(index * jnp.uint32(0x9E3779B9) ^ seed[0]) ^ seed[-1]) >> 16
+  bits = _lowbias32(_lowbias32(index * jnp.uint32(0x9E3779B9) ^ seed[0]) ^ seed[1]) >> 16
   cut = jnp.round(rate.astype(jnp.float32) * 65536.0)
   keep = bits.astype(jnp.float32) >= cut
   return jnp.where(keep, x * (65536.0 / (65536.0 - cut)).astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+def _dropout(x, rate, key):
+  return _apply_dropout(x, rate, _seed(key))
+
+
+def apply_adapter(module, x):
+  """scale * B(A(dropout(x))) alone: the adapter of a Linear whose base kernel is quantised (int8/int4 weights
+  are multiplied by `quantize.matmul`, so they cannot join the adapter's contraction)."""
+  dtype = module.dtype
+  a = module.get_variable("params", "lora_a").astype(dtype)
+  b = module.get_variable("params", "lora_b").astype(dtype)
+  scale = module.get_variable("params", "lora_scale")
+  if module.has_rng(DROPOUT_RNG):
+    x = _dropout(x, module.get_variable("params", "lora_dropout"), module.make_rng(DROPOUT_RNG))
+  h = jnp.dot(jnp.dot(x.astype(dtype), a), b)
+  return h * scale.astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
