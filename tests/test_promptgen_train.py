@@ -247,6 +247,17 @@ def test_int4_grouped_weights_dequantised_in_the_matmul(prepared):
     quantize.quantize_int4(params, is_decoder, group_size=0)
 
 
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (40,)])
+def test_int4_matmul_both_forms_equal_the_dequantised_kernel(lead):
+  """quantize.matmul's two grouped forms: a dot per group with scaled partial sums (few rows: 1 and 2x3 rows of 4
+  groups of 16) and the scaled kernel (40 rows), each equal to x @ the dequantised kernel."""
+  r = np.random.default_rng(len(lead))
+  q, s = quantize.quantize_kernel(r.standard_normal((64, 24)).astype(np.float32), bits=4, group_size=16)
+  x = jnp.asarray(r.standard_normal((*lead, 64)), jnp.float32)
+  want = x @ quantize.dequantize_kernel(jnp.asarray(q), jnp.asarray(s))
+  assert rel_err(quantize.matmul(x, jnp.asarray(q), jnp.asarray(s), jnp.float32), want) <= 1e-6
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The job.
 

@@ -13,12 +13,13 @@ still works (its leaves stay fp32). The error per weight is at most s / 2 (half 
 
 `quantize_int4(params, predicate, group_size)` is the 4-bit analogue, with one scale per `group_size` rows of
 each output column (kernel (in, out) int4 in [-7, 7], kernel_scale (in / group_size, out) fp32), as 4-bit
-schemes need to stay accurate (the original's NF4 uses blocks of 64); the matmul then multiplies the converted
-kernel by its broadcast scales before the dot (`matmul`), a prologue XLA can fuse into the GEMM's operand load.
-A quarter of bf16's weight bytes. Its speed on the GPU is not measured yet (BENCHMARKS.md).
+schemes need to stay accurate (the original's NF4 uses blocks of 64). A quarter of bf16's weight bytes: the
+memory option (the 7B's language model in ~4 GB). Not a speed option on the GPU: XLA's int4 GEMMs at decode
+shapes run at best at int8's speed, not faster (benchmarks/int4_matmul_sweep.py, BENCHMARKS.md); `matmul` uses
+the fastest form measured for few rows (a dot per group, scales on the partial sums).
 
 Why not the original's NF4 (bitsandbytes): NF4 needs a lookup-table dequantise and packed nibbles, which XLA
-would run as separate unfused ops; symmetric integer grids are a convert and a multiply that XLA fuses.
+would run as separate unfused ops; symmetric integer grids are a convert and a multiply.
 
 The KV cache (`idmp_jax.models.llama.init_cache(..., dtype=jnp.int8)`) uses the same symmetric scheme per cached
 vector: each (row, head, slot) key or value of head_dim numbers is stored as int8 with one fp32 scale
@@ -27,6 +28,7 @@ reads in all (vicuna-7b, 3064 tokens, batch 4: 6.4 of 19.9 GB). Lossy, like int8
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax.numpy as jnp
@@ -78,15 +80,22 @@ def dequantize_kernel(q, scale, dtype=jnp.float32):
 
 
 def matmul(x, q, scale, dtype):
-  """(x @ dequantised kernel) in `dtype`: a per-column scale after the dot (int8), or grouped scales applied to
-  the converted kernel before it (int4)."""
+  """(x @ dequantised kernel) in `dtype`: a per-column scale after the dot (int8), or, grouped (int4), one dot per
+  group with the scales applied to its partial sums (few rows: decode) or to the converted kernel (many rows)."""
   x = x.astype(dtype)
   if scale.ndim == 1:
     return jnp.dot(x, q.astype(dtype)) * scale.astype(dtype)
-  w = _grouped_weight(q, scale, dtype)
-  # Contracting over (group, row in group) keeps the scales a plain broadcast of the converted kernel (no reshape
-  # between them), the operand form XLA fuses into its GEMM.
-  return jnp.einsum("...gr,grn->...n", x.reshape(*x.shape[:-1], *w.shape[:2]), w)
+  groups, (k, n) = scale.shape[0], q.shape
+  rows = math.prod(x.shape[:-1])
+  xg = x.reshape(*x.shape[:-1], groups, k // groups)
+  if rows * groups <= k:  # The (rows, groups, n) partials in `dtype` are no larger than the converted kernel.
+    # XLA fuses the int4 convert into the batched dot only while no scale multiplies the kernel: a scaled kernel
+    # is written out dequantised each call (2.4x slower than int8 at batch 4, BENCHMARKS.md).
+    parts = jnp.einsum("...gr,grn->...gn", xg, q.reshape(groups, k // groups, n).astype(dtype))
+    return jnp.einsum("...gn,gn->...n", parts.astype(jnp.float32), scale).astype(dtype)
+  # Contracting over (group, row in group) keeps the scales a plain broadcast of the converted kernel: one
+  # dequantised copy per call, then one GEMM (prefill and training rows amortise it).
+  return jnp.einsum("...gr,grn->...n", xg, _grouped_weight(q, scale, dtype))
 
 
 def quantize_weights(params, fmt: str, predicate: Callable[[tuple], bool]) -> dict:
