@@ -3,8 +3,8 @@
 # few, full calls, each step in its own time box, logs under $OUT.
 #
 #   bash benchmarks/device_runs.sh prepare     # here, on the CPU machine: wheels and inputs into .whl/ and .bench/
-#   bash benchmarks/device_runs.sh unet        # on the GPU machine (carry .whl): b32 LoRA step: profile, HLO, flag variants
-#   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): int4 decode b4 (profiled), int8 b32, attention sweep
+#   bash benchmarks/device_runs.sh unet        # on the GPU machine (carry .whl): b32 UNet LoRA step (profile, HLO); LLaVA LoRA b4
+#   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): int4 decode b4, LoRA step b8
 #   bash benchmarks/device_runs.sh data        # on the GPU machine (carry .whl and .bench): folder vs ArrayRecord
 #
 # .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
@@ -39,27 +39,20 @@ case "$step" in
     python -m data_prep build-tfds --data-dir .bench/demo/mm_inp_dataset --out .bench/tfds
     python -m data_prep build-tfds --data-dir .bench/demo1024/mm_inp_dataset --out .bench/tfds1024
     du -sh .whl .bench ;;
-  unet)  # ~9 min on an H200: the b32 LoRA step (profile, optimized HLO), then two XLA-flag variants of it
+  unet)  # ~7 min on an H200: the b32 LoRA step (profile, optimized HLO); the LLaVA LoRA step at b4 (same adapter code)
     wheels || exit 1
-    base=--xla_gpu_autotune_level=2
-    XLA_FLAGS="$base --xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" \
-      boxed 230 train_step python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
+    XLA_FLAGS="--xla_gpu_autotune_level=2 --xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" \
+      boxed 260 train_step python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
       --profile /tmp/unet_profile
     (cd /tmp/hlo && tar czf "${OUT:-/tmp}/unet_hlo.tgz" $(ls | grep -E 'jit_step.*after_optimizations(-memory-usage-report)?[.]txt$'))
     cp "$(find /tmp/unet_profile -name '*.json.gz' | head -1)" "${OUT:-/tmp}/unet_trace.json.gz"
-    # CUDA graphs over more of the step (the b32 step's kernels leave ~7% of it idle).
-    XLA_FLAGS="$base --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
-      boxed 170 train_step_graphs python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
-    # Triton for every GEMM: may fuse the LoRA dropout and other elementwise producers into the GEMMs.
-    XLA_FLAGS="$base --xla_gpu_triton_gemm_any=true" \
-      boxed 170 train_step_triton python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 ;;
-  llava)  # ~9 min on an H200: int4 weights (grouped) + int8 cache at b4, profiled; int8 at b32; the attention sweep at b32
+    boxed 200 llava_lora python3 -X faulthandler benchmarks/llava.py --batches '' --lora-batches 4 ;;
+  llava)  # ~7 min on an H200: int4 decode at b4 (grouped partial sums); the LoRA step at b8 (its memory since the
+    # adapter's custom VJP)
     wheels || exit 1
     boxed 200 llava_int4 python3 -X faulthandler benchmarks/llava.py --quantize int4 --kv-cache int8 --batches 4 \
-      --lora-batches '' --profile /tmp/llava_profile
-    boxed 200 llava_int8_b32 python3 -X faulthandler benchmarks/llava.py --quantize int8 --kv-cache int8 \
-      --batches 32 --lora-batches ''
-    boxed 120 attention_sweep python3 -X faulthandler benchmarks/decode_attention_sweep.py --rows 32 ;;
+      --lora-batches ''
+    boxed 240 llava_lora_b8 python3 -X faulthandler benchmarks/llava.py --batches '' --lora-batches 8 ;;
   data)  # ~4 min
     wheels || exit 1
     for size in "" 1024; do

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.decode_attention_sweep import timed  # Microseconds per call / its kernel count.
 from idmp_jax.models import quantize
 
 SHAPES = {"gate/up": (4096, 11008), "down": (11008, 4096), "q/k/v/o": (4096, 4096)}
@@ -71,17 +70,6 @@ def formulations():
       "int4 g128 partials f32": (4, 128, _grouped_partials(jnp.float32)),
       "int4 g128 partials bf16": (4, 128, _grouped_partials(jnp.bfloat16)),
   }
-
-
-def timed(fn, args, layers: int, iters: int) -> float:
-  jax.block_until_ready(fn(*args))
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e6 * statistics.median(times) / layers
 
 
 def main(argv=None):
