@@ -124,10 +124,11 @@ INT4_GROUP = 64  # Rows per int4 scale: the original's NF4 block size.
 
 
 def quantize_int4(params, predicate: Callable[[tuple], bool], group_size: int = INT4_GROUP) -> dict:
-  """As `quantize_int8`, to int4 with one scale per `group_size` input rows of each output column."""
+  """As `quantize_int8`, to int4 with one scale per `group_size` input rows of each output column (a kernel with
+  fewer rows is one group: the tiny test models)."""
   if group_size <= 0:
     raise ValueError(f"quantize_int4: group_size must be positive, got {group_size}")
-  return _quantize_tree(params, predicate, lambda w: quantize_kernel(w, 4, group_size))
+  return _quantize_tree(params, predicate, lambda w: quantize_kernel(w, 4, min(group_size, np.shape(w)[0])))
 
 
 def _quantize_tree(params, predicate, quantize_fn) -> dict:

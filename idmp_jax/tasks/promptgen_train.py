@@ -13,9 +13,10 @@ frozen; loss on the answer tokens only (idmp_jax.train.promptgen); AdamW (0.9, 0
 constant after a linear warm-up of 1% of the whole run (one epoch: 28.84 of 2,884 steps), gradients
 clipped to global norm 0.5; bf16 compute, fp32 LoRA weights and optimizer state.
 
-Differences from the original, by design: the frozen base is bf16, or per-channel int8 on the decoder's Linears
-with `quantize = "int8"` (idmp_jax/models/quantize.py), instead of bitsandbytes NF4; the token-mean is over the
-global batch (the original averaged per-GPU means); randomness is per example from (seed, stem, epoch).
+Differences from the original, by design: the frozen base is bf16, or on the decoder's Linears per-channel int8
+(`quantize = "int8"`) or symmetric int4 with a scale per 64 rows (`quantize = "int4"`: the original's 4 bits and
+NF4 block size, on a uniform grid; idmp_jax/models/quantize.py), instead of bitsandbytes NF4; the token-mean is
+over the global batch (the original averaged per-GPU means); randomness is per example from (seed, stem, epoch).
 
 Parallelism: the mesh's `fsdp` axis shards the frozen base, the LoRA weights and the optimizer state by
 `config.sharding_rules` (idmp_jax/parallel.py); batches shard over data x fsdp. `remat_policy` bounds the decoder's
@@ -85,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
   # Numerics and memory.
   c.dtype = "bfloat16"           # Compute dtype.
   c.frozen_dtype = "bfloat16"    # Storage of the frozen base ...
-  c.quantize = ""                # ... or "int8": the decoder's Linear kernels per-channel int8 (models/quantize.py).
+  c.quantize = ""                # ... or "int8" / "int4": the decoder's Linear kernels (models/quantize.py).
   c.remat_policy = "full"        # Decoder layers: "none" | "full" | "dots" (idmp_jax.models.llama.REMAT_POLICIES).
   c.attention = "auto"
 
@@ -140,18 +141,21 @@ def _inputs(config, workdir: str) -> tuple[str, str]:
   return model_dir, data_dir
 
 
+def _check_quantize(config):
+  if config.quantize not in quantize.WEIGHT_FORMATS:
+    raise ValueError(f"config.quantize = {config.quantize!r}: expected one of {quantize.WEIGHT_FORMATS}")
+
+
 def frozen_base(frozen, config) -> dict:
-  """The frozen tree in its storage form: the decoder's Linear kernels int8 when `config.quantize` is "int8",
-  every other float leaf in `frozen_dtype`; the LoRA scalars stay fp32."""
-  if config.quantize not in ("", "int8"):
-    raise ValueError(f"config.quantize = {config.quantize!r}: expected '' or 'int8'")
-  if config.quantize == "int8":
-    frozen = quantize.quantize_int8(frozen, ln.is_decoder_layer)
+  """The frozen tree in its storage form: the decoder's Linear kernels int8 (per channel) or int4 (a scale per
+  64 rows) when `config.quantize` says so, every other float leaf in `frozen_dtype`; the LoRA scalars stay fp32."""
+  _check_quantize(config)
+  frozen = quantize.quantize_weights(frozen, config.quantize, ln.is_decoder_layer)
   dtype = jnp.dtype(config.frozen_dtype)
 
   def cast(path, x):
     names = tuple(getattr(k, "key", k) for k in path)
-    if lora.is_lora(names) or names[-1] == quantize.SCALE or np.asarray(x).dtype == np.int8:
+    if lora.is_lora(names) or names[-1] == quantize.SCALE or jnp.issubdtype(x.dtype, jnp.integer):
       return x
     return np.asarray(x).astype(dtype)
 
@@ -165,6 +169,7 @@ def run(config, workdir: str, mesh):
   dtype = jnp.dtype(config.dtype)
 
   # ---- Model ---------------------------------------------------------------------------------------------
+  _check_quantize(config)  # Before anything loads.
   model_dir, data_dir = _inputs(config, workdir)
   # Read in the storage dtype (no fp32 copy of the 7B on the host); int8 is quantised from those values, as the
   # original quantised its bf16 weights.
