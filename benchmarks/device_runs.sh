@@ -3,8 +3,8 @@
 # few, full calls, each step in its own time box, logs under $OUT.
 #
 #   bash benchmarks/device_runs.sh prepare     # here, on the CPU machine: wheels and inputs into .whl/ and .bench/
-#   bash benchmarks/device_runs.sh unet        # on the GPU machine (carry .whl): b32 UNet LoRA step (profile, HLO); LLaVA LoRA b4
-#   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): int4 decode b4, LoRA step b8
+#   bash benchmarks/device_runs.sh unet        # on the GPU machine (carry .whl): b32 step with VAE + text encoder; UNet forward
+#   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): QLoRA (int4) step b4/b12; b32 decode profile
 #   bash benchmarks/device_runs.sh data        # on the GPU machine (carry .whl and .bench): folder vs ArrayRecord
 #
 # .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
@@ -39,20 +39,17 @@ case "$step" in
     python -m data_prep build-tfds --data-dir .bench/demo/mm_inp_dataset --out .bench/tfds
     python -m data_prep build-tfds --data-dir .bench/demo1024/mm_inp_dataset --out .bench/tfds1024
     du -sh .whl .bench ;;
-  unet)  # ~7 min on an H200: the b32 LoRA step (profile, optimized HLO); the LLaVA LoRA step at b4 (same adapter code)
+  unet)  # ~8 min on an H200: the b32 LoRA step with the VAE and text encoder in it (--kind full); UNet forward rows
     wheels || exit 1
-    XLA_FLAGS="--xla_gpu_autotune_level=2 --xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" \
-      boxed 260 train_step python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
-      --profile /tmp/unet_profile
-    (cd /tmp/hlo && tar czf "${OUT:-/tmp}/unet_hlo.tgz" $(ls | grep -E 'jit_step.*after_optimizations(-memory-usage-report)?[.]txt$'))
-    cp "$(find /tmp/unet_profile -name '*.json.gz' | head -1)" "${OUT:-/tmp}/unet_trace.json.gz"
-    boxed 200 llava_lora python3 -X faulthandler benchmarks/llava.py --batches '' --lora-batches 4 ;;
-  llava)  # ~7 min on an H200: int4 decode at b4 (grouped partial sums); the LoRA step at b8 (its memory since the
-    # adapter's custom VJP)
+    export XLA_FLAGS=--xla_gpu_autotune_level=2
+    boxed 300 train_step_full python3 -X faulthandler benchmarks/train_step.py --kind full --batch 32
+    boxed 180 unet_forward python3 -X faulthandler benchmarks/unet_forward.py --batches 8,16 --impls cudnn ;;
+  llava)  # ~8 min on an H200: the QLoRA step (int4 base) at b4 and b12; a profile of the b32 int8 decode step
     wheels || exit 1
-    boxed 200 llava_int4 python3 -X faulthandler benchmarks/llava.py --quantize int4 --kv-cache int8 --batches 4 \
-      --lora-batches ''
-    boxed 240 llava_lora_b8 python3 -X faulthandler benchmarks/llava.py --batches '' --lora-batches 8 ;;
+    boxed 300 llava_qlora python3 -X faulthandler benchmarks/llava.py --batches '' --lora-batches 4,12 \
+      --lora-quantize int4
+    boxed 200 llava_b32_profile python3 -X faulthandler benchmarks/llava.py --quantize int8 --kv-cache int8 \
+      --batches 32 --lora-batches '' --profile /tmp/llava_profile ;;
   data)  # ~4 min
     wheels || exit 1
     for size in "" 1024; do

@@ -184,7 +184,7 @@ def lora_inputs(config: ln.LlavaNextConfig, batch: int, image_px: int, rng) -> d
 
 def bench_lora(args, config, params, results):
   """The job's own step (promptgen_train: idmp_jax.train.promptgen.make_train_step with the job's optimizer and
-  LoRA recipe), on the frozen bf16 base."""
+  LoRA recipe), on the frozen bf16 base, or its decoder kernels int8/int4 with --lora-quantize (QLoRA)."""
   from idmp_jax.tasks import promptgen_train
   job = promptgen_train.default_config()
   model = ln.LlavaNextForConditionalGeneration(config, dtype=jnp.bfloat16, attention_impl=args.attention,
@@ -192,6 +192,11 @@ def bench_lora(args, config, params, results):
   adapted = lora.init_lora(params["language_model"], jax.random.PRNGKey(1), job.lora.rank, job.lora.alpha,
                            tuple(job.lora.targets), job.lora.init, job.lora.dropout)
   trainable, frozen = lora.split(dict(params, language_model=adapted))
+  if args.lora_quantize:  # QLoRA: the frozen decoder kernels quantised as promptgen_train's `quantize` does.
+    from idmp_jax.models import quantize
+    lm = quantize.quantize_weights(jax.device_get(frozen["language_model"]), args.lora_quantize,
+                                   lambda p: "layers" in "/".join(p))
+    frozen = dict(frozen, language_model=jax.device_put(lm))
   tx, schedule = optim.make_optimizer(job.optimizer, steps_per_epoch=2884, total_steps=2884)
   step = jax.jit(promptgen.make_train_step(model, args.answer_window, tx, schedule,
                                            right_padded=not args.explicit_mask), donate_argnums=(0,))
@@ -224,7 +229,8 @@ def bench_lora(args, config, params, results):
     row = {"bench": "lora_step", "batch": batch, "remat": args.remat, "explicit_mask": args.explicit_mask,
            "attention": args.attention, "seq_len": seq_len, "step_s": t,
            "tokens_per_s": batch * seq_len / t, "loss_first": loss0, "loss_last": float(m["loss"]),
-           "answer_window": args.answer_window, "warmup_s": compile_s, "trainable": lora.count(trainable),
+           "answer_window": args.answer_window, "weights": args.lora_quantize or "bf16", "warmup_s": compile_s,
+           "trainable": lora.count(trainable),
            "executable_gib": exe_gib, "peak_gib": peak_memory_gib()}
     results.append(row)
     print(json.dumps(row), flush=True)
@@ -244,6 +250,8 @@ def main():
   parser.add_argument("--quantize", default="", choices=("", "int8", "int4"),
                       help="generation with the decoder's Linear kernels per-channel int8, or int4 with a scale per "
                            "64 rows (models/quantize.py): half (a quarter) of the weight bytes a decode step reads")
+  parser.add_argument("--lora-quantize", default="", choices=("", "int8", "int4"),
+                      help="LoRA step over a quantised frozen decoder (promptgen_train's `quantize`)")
   parser.add_argument("--kv-cache", default="", choices=("", "int8"),
                       help="generation with an int8 KV cache (one fp32 scale per cached vector; llama.init_cache)")
   parser.add_argument("--explicit-mask", action="store_true",
@@ -295,16 +303,16 @@ def main():
           f"{r['decode_new_tokens_per_s'] / r['weights_and_cache_bound_tokens_per_s']:>5.2f} {peak:>8}")
   lora_rows = [r for r in results if r["bench"] == "lora_step"]
   if lora_rows:
-    print(f"\n{'LoRA b':>6} {'remat':>5} {'step s':>7} {'tok/s':>7} {'exe GiB':>8} {'peak GiB':>8} "
+    print(f"\n{'LoRA b':>6} {'base':>5} {'remat':>5} {'step s':>7} {'tok/s':>7} {'exe GiB':>8} {'peak GiB':>8} "
           f"{'loss first/last':>16}")
   for r in lora_rows:
     if "error" in r:
-      print(f"{r['batch']:>6} {r['remat']:>5} {r['error']}")
+      print(f"{r['batch']:>6} {args.lora_quantize or 'bf16':>5} {r['remat']:>5} {r['error']}")
       continue
     peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
     exe = f"{r['executable_gib']:.1f}" if r["executable_gib"] is not None else "-"
-    print(f"{r['batch']:>6} {r['remat']:>5} {r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f} {exe:>8} {peak:>8} "
-          f"{r['loss_first']:>7.3f}/{r['loss_last']:.3f}")
+    print(f"{r['batch']:>6} {r['weights']:>5} {r['remat']:>5} {r['step_s']:>7.3f} {r['tokens_per_s']:>7.0f} {exe:>8} "
+          f"{peak:>8} {r['loss_first']:>7.3f}/{r['loss_last']:.3f}")
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"device": str(jax.devices()[0]), "results": results}, f, indent=2)
