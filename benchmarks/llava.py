@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idmp_jax.models import clip, generation, llama, lora
+from idmp_jax.models import clip, generation, llama, lora, quantize
 from idmp_jax.train import optimizer as optim, promptgen, state as train_state
 from idmp_jax.models import llava_next as ln
 from benchmarks.profile_summary import executable_gib, peak_memory_gib, profile_steps
@@ -182,6 +182,14 @@ def lora_inputs(config: ln.LlavaNextConfig, batch: int, image_px: int, rng) -> d
           "answer_length": jnp.full((batch,), ANSWER_TOKENS, jnp.int32), "valid": jnp.ones((batch,), jnp.float32)}
 
 
+def quantized_decoder(params, fmt: str):
+  """params with the decoder layers' kernels in `fmt` (models/quantize.py, on the host; "" = unchanged)."""
+  if not fmt:
+    return params
+  lm = quantize.quantize_weights(jax.device_get(params["language_model"]), fmt, lambda p: "layers" in "/".join(p))
+  return dict(params, language_model=jax.device_put(lm))
+
+
 def bench_lora(args, config, params, results):
   """The job's own step (promptgen_train: idmp_jax.train.promptgen.make_train_step with the job's optimizer and
   LoRA recipe), on the frozen bf16 base, or its decoder kernels int8/int4 with --lora-quantize (QLoRA)."""
@@ -192,11 +200,7 @@ def bench_lora(args, config, params, results):
   adapted = lora.init_lora(params["language_model"], jax.random.PRNGKey(1), job.lora.rank, job.lora.alpha,
                            tuple(job.lora.targets), job.lora.init, job.lora.dropout)
   trainable, frozen = lora.split(dict(params, language_model=adapted))
-  if args.lora_quantize:  # QLoRA: the frozen decoder kernels quantised as promptgen_train's `quantize` does.
-    from idmp_jax.models import quantize
-    lm = quantize.quantize_weights(jax.device_get(frozen["language_model"]), args.lora_quantize,
-                                   lambda p: "layers" in "/".join(p))
-    frozen = dict(frozen, language_model=jax.device_put(lm))
+  frozen = quantized_decoder(frozen, args.lora_quantize)  # QLoRA, as promptgen_train's `quantize` does.
   tx, schedule = optim.make_optimizer(job.optimizer, steps_per_epoch=2884, total_steps=2884)
   step = jax.jit(promptgen.make_train_step(model, args.answer_window, tx, schedule,
                                            right_padded=not args.explicit_mask), donate_argnums=(0,))
@@ -279,12 +283,7 @@ def main():
   n = sum(x.size for x in jax.tree.leaves(params))
   print(f"random params: {n / 1e9:.2f}B in {time.perf_counter() - t0:.1f}s", flush=True)
   results = []
-  gen_params = params
-  if args.quantize:  # The decoder layers' kernels, as promptgen_generate's `quantize` does (host NumPy).
-    from idmp_jax.models import quantize
-    lm = jax.device_get(params["language_model"])
-    lm = quantize.quantize_weights(lm, args.quantize, lambda p: "layers" in "/".join(p))
-    gen_params = dict(params, language_model=jax.device_put(lm))
+  gen_params = quantized_decoder(params, args.quantize)  # As promptgen_generate's `quantize` does.
   bench_generation(args, config, gen_params, results)
   del gen_params
   bench_lora(args, config, params, results)

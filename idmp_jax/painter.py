@@ -204,10 +204,9 @@ class Painter:
            dtype: str = "bfloat16", attention: str = "auto", seed: int = 0, log: Callable[[str], None] = print,
            **options) -> "Painter":
     """From model folders; "tiny" builds a tiny random one in workdir (no downloads) and says so."""
-    for field, value, allowed in (("config.llava_quantize", llava_quantize, quantize.WEIGHT_FORMATS),
-                                  ("config.llava_kv_cache", llava_kv_cache, ("", "int8"))):
-      if value not in allowed:
-        raise ValueError(f"{field} = {value!r}: expected one of {allowed}")
+    quantize.check_format(llava_quantize, "config.llava_quantize")
+    if llava_kv_cache not in ("", "int8"):
+      raise ValueError(f"config.llava_kv_cache = {llava_kv_cache!r}: expected one of ('', 'int8')")
     t0 = time.perf_counter()
     notes = []
     if model_dir == "tiny":  # NumPy-drawn weights: no compilation (make_tiny_pipeline's Linen init has one).

@@ -55,9 +55,9 @@ def test_dispatch():
                                       scale=1.0, interpret=True)
   assert pallas_attention.default_config(4, 32) == (16, 128, 4, 3)  # The tiling measured fastest (H200, b4).
   assert pallas_attention.default_config(32, 32) == (16, 64, 2, 3)  # Fastest of the sweep at b32.
-  assert pallas_attention.preferred((4, 1, 32, 128), (4, 32, 3064, 128))  # Measured faster: batch 4 of the 7B.
-  assert pallas_attention.preferred((32, 1, 32, 128), (32, 32, 3064, 128))  # And batch 32.
-  assert not pallas_attention.preferred((4, 2, 32, 128), (4, 32, 3064, 128))  # Two queries: not a decode step.
+  assert pallas_attention.supported((4, 1, 32, 128), (4, 32, 3064, 128))  # Measured faster: batch 4 of the 7B.
+  assert pallas_attention.supported((32, 1, 32, 128), (32, 32, 3064, 128))  # And batch 32.
+  assert not pallas_attention.supported((4, 2, 32, 128), (4, 32, 3064, 128))  # Two queries: not a decode step.
   assert not attention._triton_gpu()  # On this CPU.
 
 

@@ -92,15 +92,15 @@ def decode_attention_int8(q, k, v, k_scale, v_scale, *, mask=None, scale: Option
   read once, as int8, with no dequantised copy written.
   implementation: "xla" (both contractions as multiply-and-reduce: XLA fuses the int8 -> fp32 convert into each
   reduction), "pallas" (`pallas_attention.decode_attention`: one kernel with an online softmax; interpreted off
-  GPU), or "auto" (pallas on a CUDA GPU of compute capability >= 8.0 where it measured faster:
-  `pallas_attention.preferred`; else xla).
+  GPU), or "auto" (pallas on a CUDA GPU of compute capability >= 8.0 for the shapes it takes, where it measured
+  faster: `pallas_attention.supported`; else xla).
   """
   if implementation not in DECODE_INT8_IMPLEMENTATIONS:
     raise ValueError(f"int8 decode attention implementation {implementation!r}: expected one of "
                      f"{DECODE_INT8_IMPLEMENTATIONS}")
   from idmp_jax.models import pallas_attention  # Local import: Pallas only where it is used.
   gpu = _triton_gpu()
-  if implementation == "pallas" or (implementation == "auto" and gpu and pallas_attention.preferred(q.shape,
+  if implementation == "pallas" or (implementation == "auto" and gpu and pallas_attention.supported(q.shape,
                                                                                                       k.shape)):
     b, s = q.shape[0], k.shape[2]
     valid = jnp.ones((b, s), bool) if mask is None else jnp.broadcast_to(mask, (b, 1, 1, s))[:, 0, 0]

@@ -90,21 +90,29 @@ def init_lora(params, rng, rank: int, alpha: float, targets: Sequence[str] = DEF
   return traverse_util.unflatten_dict(out)
 
 
-def adapted_matmul(module, x, kernel):
-  """x @ kernel + scale * B(A(dropout(x))) for a Linear whose params hold LoRA leaves (no bias), in the module's
-  compute dtype (fp32 adapter weights are cast like the frozen kernel, as autocast does)."""
-  dtype = module.dtype
-  a = module.get_variable("params", "lora_a").astype(dtype)
-  b = module.get_variable("params", "lora_b").astype(dtype)
+def _adapter(module):
+  """(a, b, scale, rate, seed, dropout) of a Linear's adapter: A and B in the module's compute dtype (fp32
+  adapter weights are cast like the frozen kernel, as autocast does), fp32 scale and dropout rate, the mask's
+  seed, and whether dropout is on (a dropout rng was passed)."""
+  a = module.get_variable("params", "lora_a").astype(module.dtype)
+  b = module.get_variable("params", "lora_b").astype(module.dtype)
   scale = module.get_variable("params", "lora_scale").astype(jnp.float32)
-  if module.has_rng(DROPOUT_RNG):
+  dropout = module.has_rng(DROPOUT_RNG)
+  if dropout:
     rate = module.get_variable("params", "lora_dropout").astype(jnp.float32)
     seed = _seed(module.make_rng(DROPOUT_RNG))
   else:
     rate, seed = jnp.zeros((), jnp.float32), jnp.zeros((2,), jnp.uint32)
+  return a, b, scale, rate, seed, dropout
+
+
+def adapted_matmul(module, x, kernel):
+  """x @ kernel + scale * B(A(dropout(x))) for a Linear whose params hold LoRA leaves (no bias), in the module's
+  compute dtype."""
+  a, b, scale, rate, seed, dropout = _adapter(module)
   lead = x.shape[:-1]
-  y = _lora_matmul(x.reshape(-1, x.shape[-1]).astype(dtype), kernel.astype(dtype), a, b, scale, rate, seed,
-                   module.has_rng(DROPOUT_RNG))
+  y = _lora_matmul(x.reshape(-1, x.shape[-1]).astype(module.dtype), kernel.astype(module.dtype), a, b, scale,
+                   rate, seed, dropout)
   return y.reshape(*lead, y.shape[-1])
 
 
@@ -176,21 +184,18 @@ def _apply_dropout(x, rate, seed):
   return jnp.where(keep, x * (65536.0 / (65536.0 - cut)).astype(x.dtype), jnp.zeros((), x.dtype))
 
 
-def _dropout(x, rate, key):
+def _dropout(x, rate, key):  # By a PRNG key, as Flax hands one out.
   return _apply_dropout(x, rate, _seed(key))
 
 
 def apply_adapter(module, x):
   """scale * B(A(dropout(x))) alone: the adapter of a Linear whose base kernel is quantised (int8/int4 weights
   are multiplied by `quantize.matmul`, so they cannot join the adapter's contraction)."""
-  dtype = module.dtype
-  a = module.get_variable("params", "lora_a").astype(dtype)
-  b = module.get_variable("params", "lora_b").astype(dtype)
-  scale = module.get_variable("params", "lora_scale")
-  if module.has_rng(DROPOUT_RNG):
-    x = _dropout(x, module.get_variable("params", "lora_dropout"), module.make_rng(DROPOUT_RNG))
-  h = jnp.dot(jnp.dot(x.astype(dtype), a), b)
-  return h * scale.astype(dtype)
+  a, b, scale, rate, seed, dropout = _adapter(module)
+  x = x.astype(module.dtype)
+  if dropout:
+    x = _apply_dropout(x, rate, seed)
+  return jnp.dot(jnp.dot(x, a), b) * scale.astype(module.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -66,6 +66,12 @@ def quantize_kernel(kernel, bits: int = 8, group_size: int = 0) -> tuple[np.ndar
 WEIGHT_FORMATS = ("", "int8", "int4")  # What the tasks' `quantize` options take ("" = the compute dtype).
 
 
+def check_format(fmt: str, field: str) -> None:
+  """A config field's weight format, named when it is not one of WEIGHT_FORMATS (before anything loads)."""
+  if fmt not in WEIGHT_FORMATS:
+    raise ValueError(f"{field} = {fmt!r}: expected one of {WEIGHT_FORMATS}")
+
+
 def _grouped_weight(q, scale, dtype):
   """A grouped (int4) kernel dequantised as (groups, rows per group, out): the converted kernel times a plain
   broadcast of its scales."""
@@ -100,8 +106,7 @@ def matmul(x, q, scale, dtype):
 
 def quantize_weights(params, fmt: str, predicate: Callable[[tuple], bool]) -> dict:
   """`fmt` of WEIGHT_FORMATS applied to the kernels `predicate` selects ("" returns params unchanged)."""
-  if fmt not in WEIGHT_FORMATS:
-    raise ValueError(f"quantize {fmt!r}: expected one of {WEIGHT_FORMATS}")
+  check_format(fmt, "quantize")
   return {"": lambda: params, "int8": lambda: quantize_int8(params, predicate),
           "int4": lambda: quantize_int4(params, predicate)}[fmt]()
 

@@ -290,8 +290,7 @@ def _prepare_inputs(config, workdir):
     raise ValueError(f"config.examples = {config.examples!r}: expected 'llava' or 'inpainting'")
   if config.kv_cache not in ("", "int8"):
     raise ValueError(f"config.kv_cache = {config.kv_cache!r}: expected '' (the compute dtype) or 'int8'")
-  if config.quantize not in quantize.WEIGHT_FORMATS:
-    raise ValueError(f"config.quantize = {config.quantize!r}: expected one of {quantize.WEIGHT_FORMATS}")
+  quantize.check_format(config.quantize, "config.quantize")
   model_dir, model_config = resolve_model_dir(config.model_dir, workdir, config.seed)
   if config.require_adapter and not config.adapter:
     raise ValueError(f"config {config.name!r} is a fine-tuned variant: set config.adapter to its LoRA adapter")

@@ -141,15 +141,9 @@ def _inputs(config, workdir: str) -> tuple[str, str]:
   return model_dir, data_dir
 
 
-def _check_quantize(config):
-  if config.quantize not in quantize.WEIGHT_FORMATS:
-    raise ValueError(f"config.quantize = {config.quantize!r}: expected one of {quantize.WEIGHT_FORMATS}")
-
-
 def frozen_base(frozen, config) -> dict:
   """The frozen tree in its storage form: the decoder's Linear kernels int8 (per channel) or int4 (a scale per
   64 rows) when `config.quantize` says so, every other float leaf in `frozen_dtype`; the LoRA scalars stay fp32."""
-  _check_quantize(config)
   frozen = quantize.quantize_weights(frozen, config.quantize, ln.is_decoder_layer)
   dtype = jnp.dtype(config.frozen_dtype)
 
@@ -169,7 +163,7 @@ def run(config, workdir: str, mesh):
   dtype = jnp.dtype(config.dtype)
 
   # ---- Model ---------------------------------------------------------------------------------------------
-  _check_quantize(config)  # Before anything loads.
+  quantize.check_format(config.quantize, "config.quantize")  # Before anything loads.
   model_dir, data_dir = _inputs(config, workdir)
   # Read in the storage dtype (no fp32 copy of the 7B on the host); int8 is quantised from those values, as the
   # original quantised its bf16 weights.
