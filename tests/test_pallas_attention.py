@@ -14,7 +14,8 @@ def _cache(r, b, nk, s, h):
   return (quantize.quantize_vectors(jnp.asarray(r.standard_normal((b, nk, s, h)) * 2)) for _ in "kv")
 
 
-@pytest.mark.parametrize("config", [None, (1, 256, 4, 2), (3, 64, 4, 2), (8, 32, 4, 2), (16, 64, 2, 3)])
+@pytest.mark.parametrize("config", [None, (1, 256, 4, 2), (3, 64, 4, 2, "cast"), (8, 32, 4, 2, "bits"),
+                                    (16, 64, 2, 3, "asm")])
 def test_kernel_equals_xla(config):
   """Grouped heads, masked keys (a whole masked tail, so some splits see no key), a length no tile divides."""
   r = np.random.default_rng(0 if config is None else config[0])
@@ -53,12 +54,12 @@ def test_dispatch():
   with pytest.raises(ValueError, match="outside"):
     pallas_attention.decode_attention(q[..., :8], k[..., :8], v[..., :8], ks, vs, jnp.ones((b, s), bool),
                                       scale=1.0, interpret=True)
-  assert pallas_attention.default_config(4, 32) == (16, 128, 4, 3)  # The tiling measured fastest (H200, b4).
-  assert pallas_attention.default_config(32, 32) == (16, 64, 2, 3)  # Fastest of the sweep at b32.
+  assert pallas_attention.default_config(4, 32) == (16, 64, 2, 3, "asm")  # The tiling measured fastest (H200, b4).
+  assert pallas_attention.default_config(32, 32) == (16, 64, 2, 3, "asm")  # Fastest of the sweep at b32.
   assert pallas_attention.supported((4, 1, 32, 128), (4, 32, 3064, 128))  # Measured faster: batch 4 of the 7B.
   assert pallas_attention.supported((32, 1, 32, 128), (32, 32, 3064, 128))  # And batch 32.
   assert not pallas_attention.supported((4, 2, 32, 128), (4, 32, 3064, 128))  # Two queries: not a decode step.
-  assert not attention._triton_gpu()  # On this CPU.
+  assert not attention.triton_gpu()  # On this CPU.
 
 
 def _kernel_calls(fn, *args) -> dict:
@@ -107,7 +108,7 @@ def test_llama_decode_through_the_kernel_equals_xla(monkeypatch):
 
   ref = jax.jit(decode("auto"))(params)  # On the CPU: XLA.
   kernel = pallas_attention.decode_attention
-  monkeypatch.setattr(attention, "_triton_gpu", lambda: True)
+  monkeypatch.setattr(attention, "triton_gpu", lambda: True)
   monkeypatch.setattr(pallas_attention, "decode_attention", lambda *a, **kw: kernel(*a, **{**kw, "interpret": True}))
   assert _kernel_calls(decode("auto"), params) == {"int8_decode_attention": 3 * cfg.num_hidden_layers}
   assert _kernel_calls(decode("xla"), params) == {}

@@ -26,7 +26,7 @@ def _backend() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_gpu() -> bool:
+def triton_gpu() -> bool:
   """A CUDA GPU that Pallas' Triton backend compiles for (compute capability 8.0 or newer)."""
   if _backend() != "gpu":
     return False
@@ -99,7 +99,7 @@ def decode_attention_int8(q, k, v, k_scale, v_scale, *, mask=None, scale: Option
     raise ValueError(f"int8 decode attention implementation {implementation!r}: expected one of "
                      f"{DECODE_INT8_IMPLEMENTATIONS}")
   from idmp_jax.models import pallas_attention  # Local import: Pallas only where it is used.
-  gpu = _triton_gpu()
+  gpu = triton_gpu()
   if implementation == "pallas" or (implementation == "auto" and gpu and pallas_attention.supported(q.shape,
                                                                                                       k.shape)):
     b, s = q.shape[0], k.shape[2]

@@ -28,6 +28,7 @@ class Linear(nn.Module):
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  quantized_matmul: str = "auto"  # int8 kernels: `quantize.matmul`'s implementation.
 
   @nn.compact
   def __call__(self, x):
@@ -36,7 +37,8 @@ class Linear(nn.Module):
     adapted = self.has_variable("params", "lora_a")
     quantized = self.has_variable("params", "kernel_scale")  # int8 / int4 weights (idmp_jax.models.quantize).
     if quantized:
-      y = quantize.matmul(x, kernel, self.get_variable("params", "kernel_scale"), self.dtype)
+      y = quantize.matmul(x, kernel, self.get_variable("params", "kernel_scale"), self.dtype,
+                          self.quantized_matmul)
     elif adapted:
       y = lora.adapted_matmul(self, x, kernel)
     else:

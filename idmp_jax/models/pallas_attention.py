@@ -6,11 +6,12 @@ generic reductions, reading it at ~2.6 TB/s on an H200 (BENCHMARKS.md, decode pr
 one (row, kv head, key split): it streams its keys in tiles, keeps an online softmax in fp32 (scales applied per
 key to the logits and per value to the probabilities, as the XLA path does), and writes the unnormalised sum and
 its (max, total); the splits are merged after. Splitting the keys gives enough programs at small batches (4 rows
-x 32 heads = 128 without); the default aims at ~2048 programs, which on an H200 at batch 4 (16 splits of 128-key
-tiles) measured fastest of the tilings swept (benchmarks/decode_attention_sweep.py).
+x 32 heads = 128 without); the default aims at ~2048 programs (`default_config`: the tiling measured fastest of
+those swept, benchmarks/decode_attention_sweep.py).
 
-Also ported and measured, not kept: an int8-weight GEMV for the decode projections (tensor-core and FMA
-variants): 1.3-2x slower than XLA's own Triton GEMM on every decoder shape (BENCHMARKS.md).
+Converting the cache: every byte read is converted once; as plain int8 -> fp32 converts (a quarter-rate unit)
+the ~100 M a layer takes ~24 us on an H200, about what reading its 103 MB takes, so the kernel converts by
+`pallas_convert`'s bit trick on full-rate units instead.
 """
 from __future__ import annotations
 
@@ -21,22 +22,24 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from idmp_jax.models import pallas_convert
+
 PROGRAMS = 2048  # Aimed-at (row, head, split) programs: splits = PROGRAMS // (rows * kv heads), in [1, 16].
 
 
-def default_config(batch: int, kv_heads: int) -> tuple[int, int, int, int]:
-  """(splits, block_s, num_warps, num_stages): the tilings measured fastest on an H200 (vicuna-7b shape,
-  benchmarks/decode_attention_sweep.py): few (row, kv head) pairs take PROGRAMS // pairs splits of 128-key tiles
-  (batch 4: 16 splits); many (batch 32: 1024 pairs) still 16 splits, of 64-key tiles on 2 warps (330 us a layer
-  against XLA's 381 and 364 for 128-key tiles)."""
+def default_config(batch: int, kv_heads: int) -> tuple[int, int, int, int, str]:
+  """(splits, block_s, num_warps, num_stages, convert): the tilings measured fastest on an H200 (vicuna-7b shape,
+  benchmarks/decode_attention_sweep.py): 64-key tiles on 2 warps, the cache converted by `pallas_convert`'s bit
+  trick ("asm": 51.0 us a layer at batch 4 against 62.3 with plain converts and XLA's 64.1; at batch 32 the
+  fastest tiling too); few (row, kv head) pairs take PROGRAMS // pairs splits (batch 4: 16), many (batch 32:
+  1024 pairs) 16."""
   pairs = batch * kv_heads
-  if pairs <= PROGRAMS // 8:
-    return max(1, min(16, PROGRAMS // pairs)), 128, 4, 3
-  return 16, 64, 2, 3
+  splits = max(1, min(16, PROGRAMS // pairs)) if pairs <= PROGRAMS // 8 else 16
+  return splits, 64, 2, 3, "asm"
 
 
 def _attention_kernel(q_ref, k_ref, v_ref, ks_ref, vs_ref, valid_ref, *out_refs, groups: int, length: int,
-                      block_s: int, chunk: int, scale: float):
+                      block_s: int, chunk: int, scale: float, convert: str):
   # One (row, kv head, split) per program. q_ref: (G, H) the queries of this kv head; k_ref, v_ref: (S, H) int8;
   # ks_ref, vs_ref: (S,) fp32 scales; valid_ref: (S,) int32 (1 = may attend). One split: out_refs = (o,) (G, H)
   # in the output dtype, normalised. Several: (acc (G, H), m (G,), l (G,)) in fp32, merged by the caller.
@@ -50,8 +53,8 @@ def _attention_kernel(q_ref, k_ref, v_ref, ks_ref, vs_ref, valid_ref, *out_refs,
     start = jnp.minimum(nominal, length - block_s)  # The last tile slides back (never out of bounds) ...
     idx = start + jnp.arange(block_s)
     use = (idx >= nominal) & (idx < hi) & (valid_ref[pl.ds(start, block_s)] != 0)  # ... and skips what is done.
-    k = k_ref[pl.ds(start, block_s), :].astype(jnp.float32)
-    v = v_ref[pl.ds(start, block_s), :].astype(jnp.float32)
+    k = pallas_convert.int8_to(k_ref[pl.ds(start, block_s), :], jnp.float32, convert)
+    v = pallas_convert.int8_to(v_ref[pl.ds(start, block_s), :], jnp.float32, convert)
     ks, vs = ks_ref[pl.ds(start, block_s)], vs_ref[pl.ds(start, block_s)]
     out = []
     for g, (acc, m, l) in enumerate(carry):
@@ -94,12 +97,17 @@ def decode_attention(q, k, v, k_scale, v_scale, valid, *, scale: float, config: 
   """softmax(q k^T * scale, where valid) v over an int8 cache, the scales applied per key and per value as
   `attention.decode_attention_int8` does. q: (B, 1, N, H); k, v: (B, Nk, S, H) int8; k_scale, v_scale:
   (B, Nk, S) fp32; valid: (B, S) bool (each row must have a valid slot). Returns (B, 1, N, H) in q's dtype.
-  config: (splits, block_s, num_warps, num_stages), default `default_config`; splits > 1 divides each row's keys
-  among that many programs, whose partial softmaxes are merged here. `interpret`: run the kernel on any backend
-  (the tests, on the CPU)."""
+  config: (splits, block_s, num_warps, num_stages[, convert]), default `default_config`; splits > 1 divides each
+  row's keys among that many programs, whose partial softmaxes are merged here; convert (default "asm") is
+  `pallas_convert`'s. `interpret`: run the kernel on any backend (the tests, on the CPU; "asm" runs as "bits")."""
   b, _, n, h = q.shape
   nk, s = k.shape[1], k.shape[2]
-  splits, block_s, num_warps, num_stages = config or default_config(b, nk)
+  splits, block_s, num_warps, num_stages, *convert = config or default_config(b, nk)
+  convert = convert[0] if convert else "asm"
+  if convert not in pallas_convert.CONVERTS:
+    raise ValueError(f"int8 decode attention: convert {convert!r}, expected one of {pallas_convert.CONVERTS}")
+  if interpret and convert == "asm":
+    convert = "bits"  # PTX does not interpret; "bits" is the same arithmetic.
   groups = n // nk
   block_s = min(block_s, _block_s(s))
   if not supported(q.shape, k.shape):
@@ -122,7 +130,8 @@ def decode_attention(q, k, v, k_scale, v_scale, valid, *, scale: float, config: 
                  jax.ShapeDtypeStruct((b, nk, splits, groups), jnp.float32),
                  jax.ShapeDtypeStruct((b, nk, splits, groups), jnp.float32)]
   outs = pl.pallas_call(
-      functools.partial(_attention_kernel, groups=groups, length=s, block_s=block_s, chunk=chunk, scale=scale),
+      functools.partial(_attention_kernel, groups=groups, length=s, block_s=block_s, chunk=chunk, scale=scale,
+                        convert=convert),
       grid=(b, nk, splits), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name="int8_decode_attention",

@@ -85,14 +85,30 @@ def dequantize_kernel(q, scale, dtype=jnp.float32):
   return _grouped_weight(q, scale, dtype).reshape(q.shape)
 
 
-def matmul(x, q, scale, dtype):
+MATMUL_IMPLEMENTATIONS = ("auto", "xla", "pallas")
+
+
+def matmul(x, q, scale, dtype, implementation: str = "auto"):
   """(x @ dequantised kernel) in `dtype`: a per-column scale after the dot (int8), or, grouped (int4), one dot per
-  group with the scales applied to its partial sums (few rows: decode) or to the converted kernel (many rows)."""
+  group with the scales applied to its partial sums (few rows: decode) or to the converted kernel (many rows).
+
+  implementation (int8): "xla", "pallas" (`pallas_gemv.gemv`: one kernel converting the weights by a bit trick;
+  interpreted off GPU), or "auto": pallas on a CUDA GPU (compute capability >= 8.0) for the few-row shapes it
+  tiles (decode), where it measured faster than XLA's GEMM; else xla."""
+  if implementation not in MATMUL_IMPLEMENTATIONS:
+    raise ValueError(f"quantized matmul implementation {implementation!r}: expected one of "
+                     f"{MATMUL_IMPLEMENTATIONS}")
   x = x.astype(dtype)
+  rows = math.prod(x.shape[:-1])
   if scale.ndim == 1:
+    if implementation != "xla" and q.dtype == jnp.int8:
+      from idmp_jax.models import pallas_gemv  # Local imports: Pallas only where it is used.
+      from idmp_jax.models.attention import triton_gpu
+      gpu = triton_gpu()
+      if implementation == "pallas" or (gpu and pallas_gemv.supported(rows, *q.shape)):
+        return pallas_gemv.gemv(x, q, scale, interpret=not gpu)
     return jnp.dot(x, q.astype(dtype)) * scale.astype(dtype)
   groups, (k, n) = scale.shape[0], q.shape
-  rows = math.prod(x.shape[:-1])
   xg = x.reshape(*x.shape[:-1], groups, k // groups)
   if rows * groups <= k:  # The (rows, groups, n) partials in `dtype` are no larger than the converted kernel.
     # XLA fuses the int4 convert into the batched dot only while no scale multiplies the kernel: a scaled kernel
