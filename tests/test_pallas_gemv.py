@@ -60,6 +60,10 @@ def test_measured_table_can_keep_xla_for_a_shape(monkeypatch):
   assert pallas_gemv.default_config(256, 512) == pallas_gemv.Config(128, 64, 2, False, "cast", 4, 3)
   assert pallas_gemv.supported(4, 256, 512) and not pallas_gemv.supported(4, 512, 256)
   assert not pallas_gemv.supported(17, 256, 512)  # More rows than the kernel pads to: XLA.
+  for bad in ({"256x512": None}, {"256,512": [128, 64, 2, False, "cast", 4, 3, 9]}, {"1,2": [64, 64, 1, 0, "x"]}):
+    with pytest.raises(ValueError, match="tiling table: entry"):
+      pallas_gemv.set_configs(bad)
+  assert len(pallas_gemv.CONFIGS) == 2  # Unchanged by the refused tables.
 
 
 def test_quantized_matmul_and_linear_dispatch():

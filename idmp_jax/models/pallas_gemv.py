@@ -52,9 +52,18 @@ def default_config(k: int, n: int) -> Config | None:
 
 def set_configs(table: dict) -> None:
   """Overrides CONFIGS from a JSON-style table {"K,N": [Config fields] or null} (the sweep's --out)."""
+  parsed = {}
   for key, fields in table.items():
-    k, n = (int(d) for d in key.split(","))
-    CONFIGS[(k, n)] = None if fields is None else Config(*fields)
+    try:
+      k, n = (int(d) for d in key.split(","))
+      config = None if fields is None else Config(*fields)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"int8 gemv tiling table: entry {key!r}: {fields!r} is not \"K,N\": [{', '.join(Config._fields)}]"
+                       f" or null ({e})") from None
+    if config is not None and config.convert not in CONVERTS:
+      raise ValueError(f"int8 gemv tiling table: entry {key!r}: convert {config.convert!r}, expected one of {CONVERTS}")
+    parsed[(k, n)] = config
+  CONFIGS.update(parsed)  # Only once every entry parsed: a bad table changes nothing.
 
 
 def supported(rows: int, k: int, n: int, config: Config | None = None) -> bool:
