@@ -5,12 +5,13 @@
 #   bash benchmarks/device_runs.sh prepare     # here, on the CPU machine: wheels and inputs into .whl/ and .bench/
 #   bash benchmarks/device_runs.sh unet        # on the GPU machine (carry .whl): b32 step with VAE + text encoder; UNet forward
 #   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): QLoRA (int4) step b4/b12; b32 decode profile
+#   bash benchmarks/device_runs.sh kernels     # on the GPU machine (carry .whl): int8 GEMV sweep (down), attention b32
 #   bash benchmarks/device_runs.sh data        # on the GPU machine (carry .whl and .bench): folder vs ArrayRecord
 #
 # .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: device_runs.sh prepare|unet|llava|data}"
+step="${1:?usage: device_runs.sh prepare|unet|llava|kernels|data}"
 
 wheels() {  # The GPU image lacks these (device README); its python is 3.12.
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -50,6 +51,10 @@ case "$step" in
       --lora-quantize int4
     boxed 200 llava_b32_profile python3 -X faulthandler benchmarks/llava.py --quantize int8 --kv-cache int8 \
       --batches 32 --lora-batches '' --profile /tmp/llava_profile ;;
+  kernels)  # ~4 min: the int8 GEMV sweep's unfinished shape; the attention tilings at b32 with the bit-trick convert
+    wheels || exit 1
+    boxed 200 gemv_down python3 -X faulthandler benchmarks/int8_gemv_sweep.py --shapes down --out "${OUT:-/tmp}/gemv.json"
+    boxed 150 attention_b32 python3 -X faulthandler benchmarks/decode_attention_sweep.py --rows 32 ;;
   data)  # ~4 min
     wheels || exit 1
     for size in "" 1024; do
