@@ -77,6 +77,9 @@ def test_quantized_matmul_and_linear_dispatch():
   np.testing.assert_array_equal(np.asarray(quantize.matmul(x, q, s, jnp.float32)), np.asarray(xla))  # CPU: XLA.
   with pytest.raises(ValueError, match="implementation 'triton'"):
     quantize.matmul(x, q, s, jnp.float32, "triton")
+  q4, s4 = quantize.quantize_kernel(np.asarray(q, np.float32), bits=4, group_size=64)
+  with pytest.raises(ValueError, match="per-column int8"):  # Grouped int4 has no Pallas kernel: said, not ignored.
+    quantize.matmul(x, jnp.asarray(q4), jnp.asarray(s4), jnp.float32, "pallas")
   # A Linear over an int8 kernel runs the kernel it is told to (the model's layers pass "auto" or "xla").
   params = {"kernel": q, "kernel_scale": s}
   out = Linear(n, use_bias=False, quantized_matmul="pallas").apply({"params": params}, x)

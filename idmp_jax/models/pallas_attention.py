@@ -103,11 +103,7 @@ def decode_attention(q, k, v, k_scale, v_scale, valid, *, scale: float, config: 
   b, _, n, h = q.shape
   nk, s = k.shape[1], k.shape[2]
   splits, block_s, num_warps, num_stages, *convert = config or default_config(b, nk)
-  convert = convert[0] if convert else "asm"
-  if convert not in pallas_convert.CONVERTS:
-    raise ValueError(f"int8 decode attention: convert {convert!r}, expected one of {pallas_convert.CONVERTS}")
-  if interpret and convert == "asm":
-    convert = "bits"  # PTX does not interpret; "bits" is the same arithmetic.
+  convert = pallas_convert.resolve(convert[0] if convert else "asm", interpret, "int8 decode attention")
   groups = n // nk
   block_s = min(block_s, _block_s(s))
   if not supported(q.shape, k.shape):

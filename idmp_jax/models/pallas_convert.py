@@ -38,6 +38,14 @@ _ASM_BF16 = ("{\n.reg .b32 u, f0, f1, f2, f3;\n" + _UNPACK.format(src="$2")
              + "\nprmt.b32 $0, f0, f1, 0x7632;\nprmt.b32 $1, f2, f3, 0x7632;\n}")
 
 
+def resolve(how: str, interpret: bool, where: str) -> str:
+  """A kernel's convert choice checked (named by `where` when it is not one of CONVERTS), "asm" taken as "bits"
+  when the kernel is interpreted (PTX does not interpret; "bits" is the same arithmetic)."""
+  if how not in CONVERTS:
+    raise ValueError(f"{where}: convert {how!r}, expected one of {CONVERTS}")
+  return "bits" if interpret and how == "asm" else how
+
+
 def convert_bits(w, dtype):
   """int8 -> `dtype` by the trick in jax.numpy."""
   f = jax.lax.bitcast_convert_type(w.astype(jnp.int32) + _MAGIC, jnp.float32) - _MAGIC_F

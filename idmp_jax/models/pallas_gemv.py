@@ -27,7 +27,6 @@ from jax.experimental.pallas import triton as plgpu
 from idmp_jax.models import pallas_convert
 
 ROWS = 16  # The tensor-core dot's smallest dimension: x's rows are padded to this many inside the kernel.
-CONVERTS = pallas_convert.CONVERTS
 
 
 class Config(NamedTuple):
@@ -60,8 +59,8 @@ def set_configs(table: dict) -> None:
     except (TypeError, ValueError) as e:
       raise ValueError(f"int8 gemv tiling table: entry {key!r}: {fields!r} is not \"K,N\": [{', '.join(Config._fields)}]"
                        f" or null ({e})") from None
-    if config is not None and config.convert not in CONVERTS:
-      raise ValueError(f"int8 gemv tiling table: entry {key!r}: convert {config.convert!r}, expected one of {CONVERTS}")
+    if config is not None:
+      pallas_convert.resolve(config.convert, False, f"int8 gemv tiling table: entry {key!r}")
     parsed[(k, n)] = config
   CONFIGS.update(parsed)  # Only once every entry parsed: a bad table changes nothing.
 
@@ -106,10 +105,7 @@ def gemv(x, q, scale, *, config: Config | None = None, interpret: bool = False):
   if x.shape[-1] != k or scale.shape != (n,) or q.dtype != jnp.int8:
     raise ValueError(f"int8 gemv: x {x.shape}, kernel {q.shape} {q.dtype}, scale {scale.shape} do not match")
   c = config or default_config(k, n) or Config()
-  if c.convert not in CONVERTS:
-    raise ValueError(f"int8 gemv: convert {c.convert!r}, expected one of {CONVERTS}")
-  if c.convert == "asm" and interpret:
-    c = c._replace(convert="bits")  # PTX does not interpret; "bits" is the same arithmetic.
+  c = c._replace(convert=pallas_convert.resolve(c.convert, interpret, "int8 gemv"))
   lead = x.shape[:-1]
   x2 = x.reshape(-1, k)
   rows = x2.shape[0]

@@ -100,6 +100,9 @@ def matmul(x, q, scale, dtype, implementation: str = "auto"):
                      f"{MATMUL_IMPLEMENTATIONS}")
   x = x.astype(dtype)
   rows = math.prod(x.shape[:-1])
+  if implementation == "pallas" and (scale.ndim != 1 or q.dtype != jnp.int8):
+    raise ValueError(f"quantized matmul implementation 'pallas' takes per-column int8 kernels, not {q.dtype} with "
+                     f"scales {scale.shape}")
   if scale.ndim == 1:
     if implementation != "xla" and q.dtype == jnp.int8:
       from idmp_jax.models import pallas_gemv  # Local imports: Pallas only where it is used.
