@@ -35,6 +35,30 @@ def test_kernel_equals_xla(config):
   assert ours.dtype == jnp.bfloat16 and rel_err(ours, ref) <= 1e-2
 
 
+@pytest.mark.parametrize("config", [None, (1, 64, 4, 2, "cast"), (3, 32, 4, 2, "bits")])
+def test_update_kernel_equals_xla(config, monkeypatch):
+  """A decode step's write-and-attend (`attention.decode_attention_int8_update`): the kernel (its new key and
+  value written in place and attended from registers; interpreted) gives XLA's output and the very same cache,
+  at a slot inside a split, at a split's first slot and at the last slot, with stale data at the slot before."""
+  r = np.random.default_rng(7)
+  b, n, nk, s, h = 2, 4, 2, 96, 32
+  (k, ks), (v, vs) = _cache(r, b, nk, s, h)
+  cache = (k, v, ks, vs)
+  q, k_new, v_new = (jnp.asarray(r.standard_normal((b, 1, m, h)) * 2, jnp.float32) for m in (n, nk, nk))
+  kernel = pallas_attention.decode_attention
+  monkeypatch.setattr(pallas_attention, "decode_attention",
+                      lambda *a, **kw: kernel(*a, **{**kw, "config": config}))
+  for slot in (50, 32, s - 1):
+    valid = jnp.asarray(np.arange(s) <= slot)[None, None, None, :]  # Keys up to this step's own.
+    run = lambda impl: attention.decode_attention_int8_update(q, k_new, v_new, cache, jnp.int32(slot), mask=valid,
+                                                              implementation=impl)
+    (ref, ref_cache), (ours, our_cache) = run("xla"), run("pallas")
+    assert ours.shape == ref.shape and rel_err(ours, ref) <= 1e-5
+    for a, want in zip(our_cache, ref_cache):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(want))
+    assert not np.array_equal(np.asarray(ref_cache[0][:, :, slot]), np.asarray(k[:, :, slot]))  # Really written.
+
+
 def test_dispatch():
   """implementation="pallas" (interpreted off GPU) equals "xla", with a mask broadcast over rows or none; "auto"
   on the CPU is XLA; a bad name or a shape the kernel does not take is refused."""

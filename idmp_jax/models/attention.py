@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from idmp_jax.models import quantize
 from idmp_jax.models.layers import Linear, resize_nearest_torch
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
@@ -95,18 +96,9 @@ def decode_attention_int8(q, k, v, k_scale, v_scale, *, mask=None, scale: Option
   GPU), or "auto" (pallas on a CUDA GPU of compute capability >= 8.0 for the shapes it takes, where it measured
   faster: `pallas_attention.supported`; else xla).
   """
-  if implementation not in DECODE_INT8_IMPLEMENTATIONS:
-    raise ValueError(f"int8 decode attention implementation {implementation!r}: expected one of "
-                     f"{DECODE_INT8_IMPLEMENTATIONS}")
-  from idmp_jax.models import pallas_attention  # Local import: Pallas only where it is used.
-  gpu = triton_gpu()
-  if implementation == "pallas" or (implementation == "auto" and gpu and pallas_attention.supported(q.shape,
-                                                                                                      k.shape)):
-    b, s = q.shape[0], k.shape[2]
-    valid = jnp.ones((b, s), bool) if mask is None else jnp.broadcast_to(mask, (b, 1, 1, s))[:, 0, 0]
-    return pallas_attention.decode_attention(q, k, v, k_scale, v_scale, valid,
-                                             scale=q.shape[-1] ** -0.5 if scale is None else scale,
-                                             interpret=not gpu)
+  kernel = _int8_kernel(implementation, q, k, mask, scale)
+  if kernel:
+    return kernel(q, k, v, k_scale, v_scale)
   b, _, n, h = q.shape
   nk, s = k.shape[1], k.shape[2]
   scale = h ** -0.5 if scale is None else scale
@@ -119,6 +111,42 @@ def decode_attention_int8(q, k, v, k_scale, v_scale, *, mask=None, scale: Option
   probs = jax.nn.softmax(logits, axis=-1) * v_scale[:, :, None]
   out = jnp.sum(probs[..., None] * v[:, :, None].astype(jnp.float32), axis=3)           # (B, Nk, G, H)
   return out.reshape(b, 1, n, h).astype(q.dtype)
+
+
+def _int8_kernel(implementation: str, q, k, mask, scale):
+  """The Pallas kernel as a function of (q, k, v, k_scale, v_scale, **kw) where `implementation` picks it, else
+  None (XLA)."""
+  if implementation not in DECODE_INT8_IMPLEMENTATIONS:
+    raise ValueError(f"int8 decode attention implementation {implementation!r}: expected one of "
+                     f"{DECODE_INT8_IMPLEMENTATIONS}")
+  from idmp_jax.models import pallas_attention  # Local import: Pallas only where it is used.
+  gpu = triton_gpu()
+  if not (implementation == "pallas" or (implementation == "auto" and gpu and pallas_attention.supported(
+      q.shape, k.shape))):
+    return None
+  b, s = q.shape[0], k.shape[2]
+  valid = jnp.ones((b, s), bool) if mask is None else jnp.broadcast_to(mask, (b, 1, 1, s))[:, 0, 0]
+  return functools.partial(pallas_attention.decode_attention, valid=valid, interpret=not gpu,
+                           scale=q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def decode_attention_int8_update(q, k_new, v_new, cache, slot, *, mask=None, scale: Optional[float] = None,
+                                 implementation: str = "auto"):
+  """A decode step's attention over the int8 KV cache, its own key and value written into the cache first.
+
+  q: (B, 1, N, H); k_new, v_new: (B, 1, Nk, H) float (RoPE applied); cache: (k, v, k_scale, v_scale) as
+  `decode_attention_int8` takes them; slot: () int32, where this step's key and value go (the mask must let each
+  row see that slot: its own key). Returns (out (B, 1, N, H), updated cache). Either way the new vectors are
+  quantised by `quantize.quantize_vectors`; then "xla" writes them with dynamic-update-slices and runs
+  `decode_attention_int8`, and the Pallas kernel ("pallas", or "auto" where `decode_attention_int8` would use it)
+  writes them itself, in place, and attends to them from registers: the same values, fewer passes."""
+  (kq, ks), (vq, vs) = quantize.quantize_vectors(k_new[:, 0]), quantize.quantize_vectors(v_new[:, 0])
+  kernel = _int8_kernel(implementation, q, cache[0], mask, scale)
+  if kernel:
+    return kernel(q, *cache, new=(kq, vq, ks, vs, slot))
+  put = lambda a, new: jax.lax.dynamic_update_slice(a, new[:, :, None].astype(a.dtype), (0, 0, slot, 0)[:a.ndim])
+  cache = tuple(put(a, new) for a, new in zip(cache, (kq, vq, ks, vs)))
+  return decode_attention_int8(q, *cache, mask=mask, scale=scale, implementation="xla"), cache
 
 
 def pad_to_even_lengths(q, k, v, mask):

@@ -29,7 +29,7 @@ from flax import traverse_util
 
 from idmp_jax.convert import torch_format
 from idmp_jax.models import quantize
-from idmp_jax.models.attention import decode_attention_int8, dot_product_attention
+from idmp_jax.models.attention import decode_attention_int8, decode_attention_int8_update, dot_product_attention
 from idmp_jax.models.layers import Linear
 
 LIST_NAMES = ("layers",)
@@ -199,7 +199,13 @@ class LlamaAttention(nn.Module):
       heads_major = lambda a: jnp.swapaxes(a, 1, 2)
       put = lambda cache, new: jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype),
                                                             (row0, 0, index, 0)[:cache.ndim])
-      if len(kv_cache) == 4:  # int8 cache: (k, v, k_scale, v_scale), one scale per cached vector.
+      if len(kv_cache) == 4 and t == 1 and b == kv_cache[0].shape[0]:
+        # A decode step over the whole int8 cache: write this step's key and value and attend in one call (one
+        # Pallas kernel on GPU unless XLA attention is asked for).
+        out, new_cache = decode_attention_int8_update(q, k, v, kv_cache, index, mask=mask,
+                                                      implementation="xla" if self.implementation == "xla"
+                                                      else "auto")
+      elif len(kv_cache) == 4:  # int8 cache: (k, v, k_scale, v_scale), one scale per cached vector.
         (qk, sk), (qv, sv) = quantize.quantize_vectors(heads_major(k)), quantize.quantize_vectors(heads_major(v))
         new_cache = (put(kv_cache[0], qk), put(kv_cache[1], qv), put(kv_cache[2], sk), put(kv_cache[3], sv))
         ck, cv, sk, sv = (_rows(a, row0, b) for a in new_cache)
