@@ -140,12 +140,13 @@ def decode_attention_int8_update(q, k_new, v_new, cache, slot, *, mask=None, sca
   quantised by `quantize.quantize_vectors`; then "xla" writes them with dynamic-update-slices and runs
   `decode_attention_int8`, and the Pallas kernel ("pallas", or "auto" where `decode_attention_int8` would use it)
   writes them itself, in place, and attends to them from registers: the same values, fewer passes."""
-  (kq, ks), (vq, vs) = quantize.quantize_vectors(k_new[:, 0]), quantize.quantize_vectors(v_new[:, 0])
+  # Both quantised as one (2, B, Nk, H) array: one reduction pass, and the kernel reads its halves in place.
+  kv, kv_scale = quantize.quantize_vectors(jnp.stack([k_new[:, 0], v_new[:, 0]]))
   kernel = _int8_kernel(implementation, q, cache[0], mask, scale)
   if kernel:
-    return kernel(q, *cache, new=(kq, vq, ks, vs, slot))
+    return kernel(q, *cache, new=(kv, kv_scale, slot))
   put = lambda a, new: jax.lax.dynamic_update_slice(a, new[:, :, None].astype(a.dtype), (0, 0, slot, 0)[:a.ndim])
-  cache = tuple(put(a, new) for a, new in zip(cache, (kq, vq, ks, vs)))
+  cache = tuple(put(a, new) for a, new in zip(cache, (kv[0], kv[1], kv_scale[0], kv_scale[1])))
   return decode_attention_int8(q, *cache, mask=mask, scale=scale, implementation="xla"), cache
 
 
