@@ -5,9 +5,7 @@
 
 Method: bf16 weights, compute and KV cache; one 672x672 image per row (5 views -> 2928 image tokens) and 96
 text tokens = a 3024-token prompt, the same prompt in every row; greedy, no EOS, so every row makes
---new-tokens tokens. Each decoder layer's q/k/v and gate/up are one matmul each (llama.fuse_projections, as
-promptgen_generate loads them; --unfused: the stock separate projections). A warm-up call compiles; then the
-median of --iters timed calls with block_until_ready:
+--new-tokens tokens. A warm-up call compiles; then the median of --iters timed calls with block_until_ready:
   prefill  vision tower + projector + the 3024-token prompt into the cache, and the first token;
   decode   the remaining new tokens (one device while-loop call).
 Reported: decode new tokens/s (the steady state the BASELINES ceiling speaks of: weights read once per step),
@@ -151,8 +149,7 @@ def bench_generation(args, config, params, results):
         "weights_only_bound_tokens_per_s": batch / step_floor, "fraction_of_bound": step_floor / (d / steps),
         "weights_and_cache_bound_tokens_per_s": batch / (step_floor + cache_bytes / hbm_bytes_per_s()),
         "lm_weight_gb": lm_bytes / 1e9, "kv_cache": args.kv_cache or "bf16", "cache_gb": cache_bytes / 1e9,
-        "weights": args.quantize or "bf16", "fused_projections": not args.unfused, "warmup_s": compile_s,
-        "peak_gib": peak_memory_gib(),
+        "weights": args.quantize or "bf16", "warmup_s": compile_s, "peak_gib": peak_memory_gib(),
         "first_tokens": tokens[0, :8].tolist(),
     }
     results.append(row)
@@ -268,8 +265,6 @@ def main():
                       "into this folder and print its kernels per decode step")
   parser.add_argument("--gemv-configs", default="", help="JSON tiling table for the int8 decode matmul kernel "
                       "(benchmarks/int8_gemv_sweep.py --out; null for a shape keeps XLA's GEMM there)")
-  parser.add_argument("--unfused", action="store_true", help="generation with separate q/k/v and gate/up "
-                      "matmuls (default: fused, llama.fuse_projections, as promptgen_generate loads them)")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
   if args.gemv_configs:
@@ -295,8 +290,6 @@ def main():
   print(f"random params: {n / 1e9:.2f}B in {time.perf_counter() - t0:.1f}s", flush=True)
   results = []
   gen_params = quantized_decoder(params, args.quantize)  # As promptgen_generate's `quantize` does.
-  if not args.unfused:  # As promptgen_generate.load_params does: q/k/v and gate/up one matmul each.
-    gen_params = llama.fuse_projections(gen_params, ln.is_decoder_layer)
   bench_generation(args, config, gen_params, results)
   del gen_params
   bench_lora(args, config, params, results)

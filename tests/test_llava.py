@@ -245,49 +245,6 @@ def test_right_padded_causal_equals_masked(tiny):
                 right_padded=True)
 
 
-@pytest.mark.parametrize("weights", ["float", "int8", "int4"])
-def test_fused_projections_equal_separate(tiny, weights):
-  """fuse_projections (q/k/v and gate/up one matmul each, decoder layers only) leaves the LLaVA model's logits and
-  its cached greedy decoding unchanged, for float, int8 and int4 kernels, and unfuse gives the tree back bit for
-  bit."""
-  from flax import traverse_util
-  from idmp_jax.models import quantize
-  params = jax.device_get(tiny.params)
-  if weights != "float":
-    params = quantize.quantize_weights(params, weights, ln.is_decoder_layer)
-  fused = llama.fuse_projections(params, ln.is_decoder_layer)
-  names = {"/".join(k) for k in traverse_util.flatten_dict(fused)}
-  layer = "language_model/model/layers_1"
-  assert {f"{layer}/self_attn/qkv_proj/kernel", f"{layer}/mlp/gate_up_proj/kernel"} <= names
-  assert not any(f"{layer}/self_attn/{p}_proj" in n for n in names for p in "qkv")
-  assert "vision_tower/vision_model/encoder/layers_0/self_attn/q_proj/kernel" in names  # CLIP's own stays.
-  if weights != "float":
-    assert f"{layer}/self_attn/qkv_proj/kernel_scale" in names
-  model = ln.LlavaNextForConditionalGeneration(tiny.config)
-  logits = jax.jit(lambda p: model.apply({"params": p}, **_our_inputs(tiny))[0])
-  assert rel_err(logits(fused), logits(params)) <= 1e-6
-  gen = generation.Generator(model, generation.GenerationConfig(max_new_tokens=6, pad_token_id=0),
-                             cache_dtype=jnp.int8 if weights == "int8" else None)
-  np.testing.assert_array_equal(gen(fused, _our_inputs(tiny))[0], gen(params, _our_inputs(tiny))[0])
-  back = traverse_util.flatten_dict(llama.unfuse_projections(fused, tiny.config.text_config))
-  flat = traverse_util.flatten_dict(params)
-  assert back.keys() == flat.keys()
-  for k, v in flat.items():
-    assert back[k].dtype == v.dtype
-    np.testing.assert_array_equal(np.asarray(back[k], np.float32), np.asarray(v, np.float32))
-
-
-def test_fused_projections_refusals(tiny):
-  from idmp_jax.models import lora
-  lm = jax.device_get(tiny.params["language_model"])
-  with pytest.raises(ValueError, match="layers_0/self_attn has LoRA adapters"):
-    llama.fuse_projections(lora.init_lora(lm, jax.random.PRNGKey(0), 2, 2, ("q_proj", "k_proj", "v_proj")))
-  odd = jax.tree.map(lambda x: x, lm)
-  del odd["model"]["layers_0"]["mlp"]["up_proj"]
-  with pytest.raises(ValueError, match="layers_0/mlp: gate_proj, up_proj hold different leaves"):
-    llama.fuse_projections(odd)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Files.
 

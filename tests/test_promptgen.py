@@ -254,7 +254,6 @@ def test_int8_and_int4_weights_and_cache_generate(tiny_dir, demo_root):  # noqa:
   int8 = {k for k, v in flat.items() if np.asarray(v).dtype == np.int8}
   assert int8 and all(k.startswith("language_model/model/layers_") and k.endswith("/kernel") for k in int8)
   assert all(k[:-len("kernel")] + "kernel_scale" in flat for k in int8)
-  assert {k.split("/")[-2] for k in int8} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}  # Fused to decode.
   config, float_params = ln.load_pretrained(tiny_dir)
   source = LlavaSource(demo_root, LlavaConfig(split="test"), seed=42)
   inputs = pg.make_batch([pg.llava_example(source.example(0))], pg.LlavaTokenizer(tiny_dir),

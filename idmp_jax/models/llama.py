@@ -25,7 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from idmp_jax.convert import torch_format
 from idmp_jax.models import quantize
@@ -184,13 +183,9 @@ class LlamaAttention(nn.Module):
     b, t, _ = x.shape
     dense = lambda n, name: Linear(n * c.head_dim, use_bias=c.attention_bias, dtype=self.dtype, name=name,
                                    quantized_matmul=_matmul_impl(self.implementation))
-    heads = (c.num_attention_heads, c.num_key_value_heads, c.num_key_value_heads)
-    if self.has_variable("params", "qkv_proj"):  # `fuse_projections`' tree: one matmul for q, k and v.
-      qkv = dense(sum(heads), "qkv_proj")(x)
-      q, k, v = jnp.split(qkv, np.cumsum(heads[:2]) * c.head_dim, axis=-1)
-    else:
-      q, k, v = (dense(n, name)(x) for n, name in zip(heads, ("q_proj", "k_proj", "v_proj")))
-    q, k, v = (a.reshape(b, t, n, c.head_dim) for a, n in zip((q, k, v), heads))
+    q = dense(c.num_attention_heads, "q_proj")(x).reshape(b, t, c.num_attention_heads, c.head_dim)
+    k = dense(c.num_key_value_heads, "k_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
+    v = dense(c.num_key_value_heads, "v_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     new_cache, out = None, None
     if kv_cache is not None:
@@ -244,11 +239,7 @@ class LlamaMLP(nn.Module):
     c = self.config
     dense = lambda n, name: Linear(n, use_bias=c.mlp_bias, dtype=self.dtype, name=name,
                                    quantized_matmul=_matmul_impl(self.implementation))
-    if self.has_variable("params", "gate_up_proj"):  # `fuse_projections`' tree: one matmul for gate and up.
-      gate, up = jnp.split(dense(2 * c.intermediate_size, "gate_up_proj")(x), 2, axis=-1)
-    else:
-      gate, up = dense(c.intermediate_size, "gate_proj")(x), dense(c.intermediate_size, "up_proj")(x)
-    h = nn.silu(gate) * up
+    h = nn.silu(dense(c.intermediate_size, "gate_proj")(x)) * dense(c.intermediate_size, "up_proj")(x)
     return dense(c.hidden_size, "down_proj")(h)
 
 
@@ -266,69 +257,6 @@ class LlamaDecoderLayer(nn.Module):
     x = x + h
     h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
     return x + LlamaMLP(c, self.dtype, self.implementation, name="mlp")(h), new_cache
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Fused projections for inference.
-
-# Fused module -> the modules it concatenates along the output axis, in order.
-FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-def fuse_projections(params, predicate=lambda path: True) -> dict:
-  """The param tree with each layer's q/k/v projections as one `qkv_proj` and gate/up as one `gate_up_proj`
-  (kernels, per-column `kernel_scale`s and biases concatenated along the output axis), under the module paths
-  `predicate` accepts. The layers read either form; the fused one is for decoding, where each matmul streams
-  its weights for a few rows and one wide matmul keeps the memory system busier than three narrow ones
-  (BENCHMARKS.md). Exact: each output column is computed from the same weights and scale as before.
-  Float, int8 and int4 kernels fuse alike; a module with LoRA leaves is refused (merge the adapter first);
-  `unfuse_projections` is the inverse (export wants the stock names)."""
-  flat = traverse_util.flatten_dict(params)
-  out = dict(flat)
-  parents = sorted({path[:-2] for path in flat if len(path) >= 2 and path[-2] in FUSED_PROJECTIONS["qkv_proj"]
-                    + FUSED_PROJECTIONS["gate_up_proj"]})
-  for parent in parents:
-    if not predicate(parent):
-      continue
-    for fused, parts in FUSED_PROJECTIONS.items():
-      leaves = [{p[-1]: v for p, v in flat.items() if p[:-1] == parent + (part,)} for part in parts]
-      if not any(leaves):
-        continue
-      where = "/".join(parent)
-      names = set(leaves[0])
-      if any(set(lv) != names for lv in leaves) or not all(leaves):
-        raise ValueError(f"fuse_projections: {where}: {', '.join(parts)} hold different leaves "
-                         f"{[sorted(lv) for lv in leaves]}")
-      if names & {"lora_a", "lora_b"}:
-        raise ValueError(f"fuse_projections: {where} has LoRA adapters: merge them first (lora.merge_lora)")
-      for name in names:
-        values = [lv[name] for lv in leaves]
-        xp = np if all(isinstance(v, np.ndarray) for v in values) else jnp
-        out[parent + (fused, name)] = xp.concatenate(values, axis=-1)
-      for part in parts:
-        for name in names:
-          del out[parent + (part, name)]
-  return traverse_util.unflatten_dict(out)
-
-
-def unfuse_projections(params, config: "LlamaConfig") -> dict:
-  """The stock tree back from `fuse_projections`' (widths from `config`)."""
-  c = config
-  widths = {"qkv_proj": (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
-                         c.num_key_value_heads * c.head_dim),
-            "gate_up_proj": (c.intermediate_size, c.intermediate_size)}
-  flat = traverse_util.flatten_dict(params)
-  out = {}
-  for path, value in flat.items():
-    fused = path[-2] if len(path) >= 2 else None
-    if fused not in FUSED_PROJECTIONS:
-      out[path] = value
-      continue
-    xp = np if isinstance(value, np.ndarray) else jnp
-    pieces = xp.split(value, np.cumsum(widths[fused][:-1]), axis=-1)
-    for part, piece in zip(FUSED_PROJECTIONS[fused], pieces):
-      out[path[:-2] + (part, path[-1])] = piece
-  return traverse_util.unflatten_dict(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ from idmp_jax.convert import torch_format
 from idmp_jax.data import files
 from idmp_jax.data import llava_processor as lp
 from idmp_jax.data.llava import COLORS, LlavaConfig, LlavaSource, draw_mask, multimask_question
-from idmp_jax.models import generation, llama, lora, quantize
+from idmp_jax.models import generation, lora, quantize
 from idmp_jax.models import llava_next as ln
 
 
@@ -447,14 +447,11 @@ def load_params(model_dir: str, adapter: str, dtype, quantize_weights: str = "")
   """The generation params on the host: cast to `dtype` (no fp32 copy on any device), the LoRA adapter folded
   into the kernels (W + scale * A B in fp32, one rounding: no adapter cost per token), then with
   `quantize_weights="int8"` ("int4") the decoder layers' Linear kernels in per-channel int8 (grouped int4;
-  `models/quantize.py`; the vision tower, projector, embeddings and head stay in `dtype`); last, each decoder
-  layer's q/k/v and gate/up kernels concatenated into one matmul each (`llama.fuse_projections`: exact, faster
-  decode steps)."""
+  `models/quantize.py`; the vision tower, projector, embeddings and head stay in `dtype`)."""
   _, params = ln.load_pretrained(model_dir, dtype=dtype)
   if adapter:
     params = jax.device_get(lora.merge_lora(ln.load_peft_adapter(adapter, params)))
-  params = quantize.quantize_weights(params, quantize_weights, ln.is_decoder_layer)
-  return llama.fuse_projections(params, ln.is_decoder_layer)
+  return quantize.quantize_weights(params, quantize_weights, ln.is_decoder_layer)
 
 
 def run(config, workdir: str, mesh) -> dict:
