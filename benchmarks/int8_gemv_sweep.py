@@ -26,8 +26,7 @@ import numpy as np
 from benchmarks.decode_attention_sweep import marginal
 from idmp_jax.models import pallas_gemv, quantize
 
-SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (4096, 11008), "down": (11008, 4096),
-          "qkv": (4096, 12288), "gate_up": (4096, 22016)}  # The last two: llama.fuse_projections' shapes.
+SHAPES = {"q/k/v/o": (4096, 4096), "gate/up": (4096, 11008), "down": (11008, 4096)}
 TILINGS = [(128, 128, 4, 4, 4), (64, 128, 4, 4, 4), (128, 256, 4, 8, 3), (128, 64, 8, 4, 5), (128, 128, 2, 4, 4),
            (64, 128, 2, 4, 4), (128, 256, 2, 4, 3), (128, 128, 4, 8, 4)]  # block_n, block_k, splits, warps, stages
 
