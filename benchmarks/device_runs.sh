@@ -4,14 +4,15 @@
 #
 #   bash benchmarks/device_runs.sh prepare     # here, on the CPU machine: wheels and inputs into .whl/ and .bench/
 #   bash benchmarks/device_runs.sh unet        # on the GPU machine (carry .whl): b32 step with VAE + text encoder; UNet forward
-#   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): QLoRA (int4) step b4/b12; b32 decode profile
+#   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): QLoRA (int4) step b4/b12
+#   bash benchmarks/device_runs.sh decode      # on the GPU machine (carry .whl): int8 decode profiles, b4 and b32
 #   bash benchmarks/device_runs.sh kernels     # on the GPU machine (carry .whl): int8 GEMV sweep (down), attention b32
 #   bash benchmarks/device_runs.sh data        # on the GPU machine (carry .whl and .bench): folder vs ArrayRecord
 #
 # .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: device_runs.sh prepare|unet|llava|kernels|data}"
+step="${1:?usage: device_runs.sh prepare|unet|llava|decode|kernels|data}"
 
 wheels() {  # The GPU image lacks these (device README); its python is 3.12.
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -45,12 +46,14 @@ case "$step" in
     export XLA_FLAGS=--xla_gpu_autotune_level=2
     boxed 300 train_step_full python3 -X faulthandler benchmarks/train_step.py --kind full --batch 32
     boxed 180 unet_forward python3 -X faulthandler benchmarks/unet_forward.py --batches 8,16 --impls cudnn ;;
-  llava)  # ~8 min on an H200: the QLoRA step (int4 base) at b4 and b12; a profile of the b32 int8 decode step
+  llava)  # ~5 min on an H200: the QLoRA step (int4 base) at b4 and b12
     wheels || exit 1
     boxed 300 llava_qlora python3 -X faulthandler benchmarks/llava.py --batches '' --lora-batches 4,12 \
-      --lora-quantize int4
-    boxed 200 llava_b32_profile python3 -X faulthandler benchmarks/llava.py --quantize int8 --kv-cache int8 \
-      --batches 32 --lora-batches '' --profile /tmp/llava_profile ;;
+      --lora-quantize int4 ;;
+  decode)  # ~5 min: profiles (kernels and the timeline's idle gaps) of the int8 decode step at b4 and b32
+    wheels || exit 1
+    boxed 300 decode_profiles python3 -X faulthandler benchmarks/llava.py --quantize int8 --kv-cache int8 \
+      --batches 4,32 --lora-batches '' --iters 5 --profile /tmp/llava_profile ;;
   kernels)  # ~4 min: the int8 GEMV sweep's unfinished shape; the attention tilings at b32 with the bit-trick convert
     wheels || exit 1
     boxed 200 gemv_down python3 -X faulthandler benchmarks/int8_gemv_sweep.py --shapes down --out "${OUT:-/tmp}/gemv.json"

@@ -79,10 +79,32 @@ def device_events(events: list[dict]) -> list[dict]:
   return [e for e in events if e.get("ph") == "X" and "dur" in e and (e.get("pid"), e.get("tid")) in keep]
 
 
+def timeline(kernels: list[dict], gap_us: float = 5.0) -> dict:
+  """Where the device is idle between kernels (one stream's view; overlapping kernels count once): span from the
+  first kernel's start to the last one's end, busy time (the union of the kernels' intervals), idle = span -
+  busy, and the idle gaps longer than `gap_us` with the kernel each one precedes (what waited). Microseconds."""
+  spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"]) for e in kernels)
+  if not spans:
+    return {"span_us": 0.0, "busy_us": 0.0, "gaps": []}
+  busy, end, gaps = 0.0, spans[0][0], []
+  for start, stop, name in spans:
+    if start > end:
+      if start - end > gap_us:
+        gaps.append((start - end, name))
+    busy += max(0.0, stop - max(start, end))
+    end = max(end, stop)
+  return {"span_us": end - spans[0][0], "busy_us": busy, "gaps": gaps}
+
+
 def summarize(events: list[dict], steps: int, top: int = 20) -> dict:
   by_name = collections.Counter()
   count = collections.Counter()
-  for e in device_events(events):
+  kernels = device_events(events)
+  line = timeline(kernels)
+  waits = collections.Counter()
+  for us, name in line["gaps"]:
+    waits[name] += us
+  for e in kernels:
     by_name[e["name"]] += float(e["dur"])  # microseconds
     count[e["name"]] += 1
   total = sum(by_name.values())
@@ -92,6 +114,10 @@ def summarize(events: list[dict], steps: int, top: int = 20) -> dict:
   per_step = lambda us: round(us / steps / 1e3, 3)  # ms per step
   return {
       "steps": steps, "kernel_ms_per_step": per_step(total),
+      "span_ms_per_step": per_step(line["span_us"]), "idle_ms_per_step": per_step(line["span_us"] - line["busy_us"]),
+      "gaps_over_5us_per_step": len(line["gaps"]) / steps,
+      "gap_ms_per_step": per_step(sum(us for us, _ in line["gaps"])),
+      "waits": [{"before": n[:120], "ms_per_step": per_step(us)} for n, us in waits.most_common(5)],
       "kinds": {k: {"ms_per_step": per_step(us), "share": round(us / total, 3) if total else 0.0}
                 for k, us in by_kind.most_common()},
       "top": [{"name": n[:120], "kind": kind_of(n), "ms_per_step": per_step(us), "calls_per_step": count[n] / steps}
@@ -101,6 +127,10 @@ def summarize(events: list[dict], steps: int, top: int = 20) -> dict:
 
 def print_summary(s: dict) -> None:
   print(f"device kernels: {s['kernel_ms_per_step']} ms per step (sum over kernels; overlap not removed)")
+  print(f"timeline: {s['span_ms_per_step']} ms per step from the first kernel to the last, idle "
+        f"{s['idle_ms_per_step']} ms; {s['gaps_over_5us_per_step']:g} gaps over 5 us a step "
+        f"({s['gap_ms_per_step']} ms), longest waits before: "
+        + ", ".join(f"{w['before'][:40]} {w['ms_per_step']} ms" for w in s["waits"][:3]))
   for kind, v in s["kinds"].items():
     print(f"  {kind:16s} {v['ms_per_step']:9.2f} ms  {100 * v['share']:5.1f}%")
   print("  top kernels:")
