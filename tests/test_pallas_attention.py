@@ -39,7 +39,8 @@ def test_kernel_equals_xla(config):
 def test_update_kernel_equals_xla(config, monkeypatch):
   """A decode step's write-and-attend (`attention.decode_attention_int8_update`): the kernel (its new key and
   value written in place and attended from registers; interpreted) gives XLA's output and the very same cache,
-  at a slot inside a split, at a split's first slot and at the last slot, with stale data at the slot before."""
+  at a slot inside a split, at a split's first slot, at the last slot and past it (clamped), with stale data at
+  the slot before."""
   r = np.random.default_rng(7)
   b, n, nk, s, h = 2, 4, 2, 96, 32
   (k, ks), (v, vs) = _cache(r, b, nk, s, h)
@@ -48,7 +49,7 @@ def test_update_kernel_equals_xla(config, monkeypatch):
   kernel = pallas_attention.decode_attention
   monkeypatch.setattr(pallas_attention, "decode_attention",
                       lambda *a, **kw: kernel(*a, **{**kw, "config": config}))
-  for slot in (50, 32, s - 1):
+  for slot in (50, 32, s - 1, s + 3):  # The last: out of range, clamped to the last slot as XLA's write is.
     valid = jnp.asarray(np.arange(s) <= slot)[None, None, None, :]  # Keys up to this step's own.
     run = lambda impl: attention.decode_attention_int8_update(q, k_new, v_new, cache, jnp.int32(slot), mask=valid,
                                                               implementation=impl)
@@ -56,7 +57,8 @@ def test_update_kernel_equals_xla(config, monkeypatch):
     assert ours.shape == ref.shape and rel_err(ours, ref) <= 1e-5
     for a, want in zip(our_cache, ref_cache):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(want))
-    assert not np.array_equal(np.asarray(ref_cache[0][:, :, slot]), np.asarray(k[:, :, slot]))  # Really written.
+    written = min(slot, s - 1)
+    assert not np.array_equal(np.asarray(ref_cache[0][:, :, written]), np.asarray(k[:, :, written]))  # Written.
 
 
 def test_dispatch():
