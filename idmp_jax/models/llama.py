@@ -166,8 +166,9 @@ def apply_rope(x, cos, sin):
   return x * cos + rotated * sin
 
 
-def _matmul_impl(implementation: str) -> str:
-  """The int8 projections' kernel choice: "xla" keeps the whole decoder on XLA (as for attention)."""
+def _int8_kernels(implementation: str) -> str:
+  """The int8 kernels' choice (projections and decode attention): "xla" keeps the whole decoder on XLA, anything
+  else lets each pick its own ("auto")."""
   return "xla" if implementation == "xla" else "auto"
 
 
@@ -182,7 +183,7 @@ class LlamaAttention(nn.Module):
     c = self.config
     b, t, _ = x.shape
     dense = lambda n, name: Linear(n * c.head_dim, use_bias=c.attention_bias, dtype=self.dtype, name=name,
-                                   quantized_matmul=_matmul_impl(self.implementation))
+                                   quantized_matmul=_int8_kernels(self.implementation))
     q = dense(c.num_attention_heads, "q_proj")(x).reshape(b, t, c.num_attention_heads, c.head_dim)
     k = dense(c.num_key_value_heads, "k_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
     v = dense(c.num_key_value_heads, "v_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
@@ -198,15 +199,14 @@ class LlamaAttention(nn.Module):
         # A decode step over the whole int8 cache: write this step's key and value and attend in one call (one
         # Pallas kernel on GPU unless XLA attention is asked for).
         out, new_cache = decode_attention_int8_update(q, k, v, kv_cache, index, mask=mask,
-                                                      implementation="xla" if self.implementation == "xla"
-                                                      else "auto")
+                                                      implementation=_int8_kernels(self.implementation))
       elif len(kv_cache) == 4:  # int8 cache: (k, v, k_scale, v_scale), one scale per cached vector.
         (qk, sk), (qv, sv) = quantize.quantize_vectors(heads_major(k)), quantize.quantize_vectors(heads_major(v))
         new_cache = (put(kv_cache[0], qk), put(kv_cache[1], qv), put(kv_cache[2], sk), put(kv_cache[3], sv))
         ck, cv, sk, sv = (_rows(a, row0, b) for a in new_cache)
         if t == 1:  # Decode: read the cache as int8 (a Pallas kernel on GPU unless XLA attention is asked for).
           out = decode_attention_int8(q, ck, cv, sk, sv, mask=mask,
-                                      implementation="xla" if self.implementation == "xla" else "auto")
+                                      implementation=_int8_kernels(self.implementation))
         else:  # Prefill: attend over the dequantised rows.
           ck, cv = quantize.dequantize_vectors(ck, sk, self.dtype), quantize.dequantize_vectors(cv, sv, self.dtype)
       else:
@@ -224,7 +224,7 @@ class LlamaAttention(nn.Module):
       out = dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation=impl)
     out = out.astype(self.dtype)
     out = Linear(c.hidden_size, use_bias=c.attention_bias, dtype=self.dtype, name="o_proj",
-                 quantized_matmul=_matmul_impl(self.implementation))(
+                 quantized_matmul=_int8_kernels(self.implementation))(
         out.reshape(b, t, c.num_attention_heads * c.head_dim))
     return out, new_cache
 
@@ -238,7 +238,7 @@ class LlamaMLP(nn.Module):
   def __call__(self, x):
     c = self.config
     dense = lambda n, name: Linear(n, use_bias=c.mlp_bias, dtype=self.dtype, name=name,
-                                   quantized_matmul=_matmul_impl(self.implementation))
+                                   quantized_matmul=_int8_kernels(self.implementation))
     h = nn.silu(dense(c.intermediate_size, "gate_proj")(x)) * dense(c.intermediate_size, "up_proj")(x)
     return dense(c.hidden_size, "down_proj")(h)
 
@@ -378,7 +378,7 @@ class LlamaForCausalLM(nn.Module):
     self.model = LlamaModel(self.config, self.dtype, self.implementation, self.remat_policy)
     if not self.config.tie_word_embeddings:
       self.lm_head = Linear(self.config.vocab_size, use_bias=False, dtype=self.dtype,
-                            quantized_matmul=_matmul_impl(self.implementation))
+                            quantized_matmul=_int8_kernels(self.implementation))
 
   def embed(self, input_ids):
     return self.model.embed_tokens(input_ids)

@@ -93,8 +93,9 @@ def matmul(x, q, scale, dtype, implementation: str = "auto"):
   group with the scales applied to its partial sums (few rows: decode) or to the converted kernel (many rows).
 
   implementation (int8): "xla", "pallas" (`pallas_gemv.gemv`: one kernel converting the weights by a bit trick;
-  interpreted off GPU), or "auto": pallas on a CUDA GPU (compute capability >= 8.0) for the few-row shapes it
-  tiles (decode), where it measured faster than XLA's GEMM; else xla."""
+  interpreted off GPU), or "auto": pallas on a CUDA GPU (compute capability >= 8.0) for the few-row shapes whose
+  tiling table entry (`pallas_gemv.CONFIGS`) says it measured faster than XLA's GEMM; else xla (the table is
+  empty: on the H200 the kernel measured level with XLA, BENCHMARKS.md)."""
   if implementation not in MATMUL_IMPLEMENTATIONS:
     raise ValueError(f"quantized matmul implementation {implementation!r}: expected one of "
                      f"{MATMUL_IMPLEMENTATIONS}")
