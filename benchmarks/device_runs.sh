@@ -6,7 +6,7 @@
 #   bash benchmarks/device_runs.sh unet        # on the GPU machine (carry .whl): b32 step with VAE + text encoder; UNet forward
 #   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): QLoRA (int4) step b4/b12
 #   bash benchmarks/device_runs.sh decode      # on the GPU machine (carry .whl): int8 decode profiles, b4 and b32
-#   bash benchmarks/device_runs.sh kernels     # on the GPU machine (carry .whl): int8 GEMV sweep (down), attention b32
+#   bash benchmarks/device_runs.sh kernels     # on the GPU machine (carry .whl): int8 matmul layouts, attention b32
 #   bash benchmarks/device_runs.sh data        # on the GPU machine (carry .whl and .bench): folder vs ArrayRecord
 #
 # .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
@@ -54,9 +54,9 @@ case "$step" in
     wheels || exit 1
     boxed 300 decode_profiles python3 -X faulthandler benchmarks/llava.py --quantize int8 --kv-cache int8 \
       --batches 4,32 --lora-batches '' --iters 5 --profile /tmp/llava_profile ;;
-  kernels)  # ~4 min: the int8 GEMV sweep's unfinished shape; the attention tilings at b32 with the bit-trick convert
+  kernels)  # ~4 min: the int8 matmul in both kernel layouts at 4 and 32 rows; the attention tilings at b32
     wheels || exit 1
-    boxed 200 gemv_down python3 -X faulthandler benchmarks/int8_gemv_sweep.py --shapes down --out "${OUT:-/tmp}/gemv.json"
+    boxed 200 int8_matmul python3 -X faulthandler benchmarks/int8_matmul_sweep.py --rows 4,32
     boxed 150 attention_b32 python3 -X faulthandler benchmarks/decode_attention_sweep.py --rows 32 ;;
   data)  # ~4 min
     wheels || exit 1

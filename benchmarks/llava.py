@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from idmp_jax.models import clip, generation, llama, lora, pallas_gemv, quantize
+from idmp_jax.models import clip, generation, llama, lora, quantize
 from idmp_jax.train import optimizer as optim, promptgen, state as train_state
 from idmp_jax.models import llava_next as ln
 from benchmarks.profile_summary import executable_gib, peak_memory_gib, profile_steps
@@ -263,14 +263,8 @@ def main():
   parser.add_argument("--layers", type=int, default=0, help="override the decoder depth (quick experiments)")
   parser.add_argument("--profile", default="", help="after timing each generation batch, profile one decode call "
                       "into this folder and print its kernels per decode step")
-  parser.add_argument("--gemv-configs", default="", help="JSON tiling table for the int8 decode matmul kernel "
-                      "(benchmarks/int8_gemv_sweep.py --out; null for a shape keeps XLA's GEMM there)")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
-  if args.gemv_configs:
-    with open(args.gemv_configs) as f:
-      pallas_gemv.set_configs(json.load(f))
-    print(f"int8 matmul tilings: {pallas_gemv.CONFIGS}", flush=True)
   args.batches = [int(b) for b in args.batches.split(",") if b]
   args.lora_batches = [int(b) for b in args.lora_batches.split(",") if b]
   if args.small:

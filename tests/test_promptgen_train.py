@@ -214,6 +214,7 @@ def test_int8_weights_dequantised_in_the_matmul(prepared):
   kernel = q["language_model"]["model"]["layers_0"]["mlp"]["down_proj"]
   assert kernel["kernel"].dtype == np.int8 and kernel["kernel_scale"].shape == (config.text_config.hidden_size,)
   w = params["language_model"]["model"]["layers_0"]["mlp"]["down_proj"]["kernel"]
+  assert kernel["kernel"].shape == w.shape[::-1]  # Stored (out, in): the contraction axis contiguous.
   assert np.all(np.abs(quantize.dequantize_kernel(kernel["kernel"], kernel["kernel_scale"]) - w)
                 <= kernel["kernel_scale"] / 2 + 1e-7)
   real = batch["attention_mask"].astype(bool)

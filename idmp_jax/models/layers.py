@@ -28,21 +28,24 @@ class Linear(nn.Module):
   use_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  quantized_matmul: str = "auto"  # int8 kernels: `quantize.matmul`'s implementation.
 
   @nn.compact
   def __call__(self, x):
     from idmp_jax.models import lora  # Local import: lora imports this module.
-    kernel = self.param("kernel", default_kernel_init, (x.shape[-1], self.features), self.param_dtype)
     adapted = self.has_variable("params", "lora_a")
-    quantized = self.has_variable("params", "kernel_scale")  # int8 / int4 weights (idmp_jax.models.quantize).
+    quantized = self.has_variable("params", quantize.SCALE)  # int8 / int4 weights (idmp_jax.models.quantize).
     if quantized:
-      y = quantize.matmul(x, kernel, self.get_variable("params", "kernel_scale"), self.dtype,
-                          self.quantized_matmul)
-    elif adapted:
-      y = lora.adapted_matmul(self, x, kernel)
+      kernel = self.get_variable("params", "kernel")  # int8 is stored (out, in): not the float param's shape.
+      if quantize.kernel_in_out(kernel) != (x.shape[-1], self.features):
+        raise ValueError(f"{'/'.join(self.scope.path)}: quantised kernel {kernel.dtype} {kernel.shape} does not map "
+                         f"{x.shape[-1]} inputs to {self.features} outputs")
+      y = quantize.matmul(x, kernel, self.get_variable("params", quantize.SCALE), self.dtype)
     else:
-      y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+      kernel = self.param("kernel", default_kernel_init, (x.shape[-1], self.features), self.param_dtype)
+      if adapted:
+        y = lora.adapted_matmul(self, x, kernel)
+      else:
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)

@@ -167,8 +167,8 @@ def apply_rope(x, cos, sin):
 
 
 def _int8_kernels(implementation: str) -> str:
-  """The int8 kernels' choice (projections and decode attention): "xla" keeps the whole decoder on XLA, anything
-  else lets each pick its own ("auto")."""
+  """The int8 decode attention's choice: "xla" keeps the whole decoder on XLA, anything else lets it pick its own
+  ("auto": the Pallas kernel on GPU)."""
   return "xla" if implementation == "xla" else "auto"
 
 
@@ -182,8 +182,7 @@ class LlamaAttention(nn.Module):
     """mask: (B, 1, T, S) boolean, or None for plain causal attention (no mask tensor at all)."""
     c = self.config
     b, t, _ = x.shape
-    dense = lambda n, name: Linear(n * c.head_dim, use_bias=c.attention_bias, dtype=self.dtype, name=name,
-                                   quantized_matmul=_int8_kernels(self.implementation))
+    dense = lambda n, name: Linear(n * c.head_dim, use_bias=c.attention_bias, dtype=self.dtype, name=name)
     q = dense(c.num_attention_heads, "q_proj")(x).reshape(b, t, c.num_attention_heads, c.head_dim)
     k = dense(c.num_key_value_heads, "k_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
     v = dense(c.num_key_value_heads, "v_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
@@ -223,8 +222,7 @@ class LlamaAttention(nn.Module):
       impl = "xla" if t == 1 else self.implementation
       out = dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation=impl)
     out = out.astype(self.dtype)
-    out = Linear(c.hidden_size, use_bias=c.attention_bias, dtype=self.dtype, name="o_proj",
-                 quantized_matmul=_int8_kernels(self.implementation))(
+    out = Linear(c.hidden_size, use_bias=c.attention_bias, dtype=self.dtype, name="o_proj")(
         out.reshape(b, t, c.num_attention_heads * c.head_dim))
     return out, new_cache
 
@@ -232,13 +230,11 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
   config: LlamaConfig
   dtype: Any = jnp.float32
-  implementation: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    dense = lambda n, name: Linear(n, use_bias=c.mlp_bias, dtype=self.dtype, name=name,
-                                   quantized_matmul=_int8_kernels(self.implementation))
+    dense = lambda n, name: Linear(n, use_bias=c.mlp_bias, dtype=self.dtype, name=name)
     h = nn.silu(dense(c.intermediate_size, "gate_proj")(x)) * dense(c.intermediate_size, "up_proj")(x)
     return dense(c.hidden_size, "down_proj")(h)
 
@@ -256,7 +252,7 @@ class LlamaDecoderLayer(nn.Module):
                                                                                         kv_cache, index, row0)
     x = x + h
     h = RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-    return x + LlamaMLP(c, self.dtype, self.implementation, name="mlp")(h), new_cache
+    return x + LlamaMLP(c, self.dtype, name="mlp")(h), new_cache
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,8 +373,7 @@ class LlamaForCausalLM(nn.Module):
   def setup(self):
     self.model = LlamaModel(self.config, self.dtype, self.implementation, self.remat_policy)
     if not self.config.tie_word_embeddings:
-      self.lm_head = Linear(self.config.vocab_size, use_bias=False, dtype=self.dtype,
-                            quantized_matmul=_int8_kernels(self.implementation))
+      self.lm_head = Linear(self.config.vocab_size, use_bias=False, dtype=self.dtype)
 
   def embed(self, input_ids):
     return self.model.embed_tokens(input_ids)

@@ -33,6 +33,7 @@ import numpy as np
 from flax import traverse_util
 
 from idmp_jax.convert import torch_format
+from idmp_jax.models import quantize
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out_0")
 TRAINABLE_LEAVES = ("lora_a", "lora_b")
@@ -74,7 +75,7 @@ def init_lora(params, rng, rank: int, alpha: float, targets: Sequence[str] = DEF
     raise ValueError("the param tree already holds LoRA leaves")
   out = dict(flat)
   for i, path in enumerate(modules):
-    fan_in, fan_out = np.shape(flat[path + ("kernel",)])
+    fan_in, fan_out = quantize.kernel_in_out(flat[path + ("kernel",)])
     key = jax.random.fold_in(rng, i)
     if init == "gaussian":
       a = jax.random.normal(key, (fan_in, rank), jnp.float32) / rank

@@ -3,13 +3,19 @@ the KV cache.
 
 `quantize_int8(params, predicate)` replaces each selected 2-D `kernel` (in, out) by
 
-  kernel        (in, out) int8      round(W / s), symmetric, in [-127, 127]
+  kernel        (out, in) int8      round(W.T / s), symmetric, in [-127, 127]
   kernel_scale  (out,)    fp32      s = max_i |W[i, o]| / 127 (per output channel; 1 for an all-zero channel)
 
 and `idmp_jax.models.layers.Linear` dequantises in the matmul when it finds `kernel_scale` (`matmul`):
-y = (x @ kernel.astype(dtype)) * s, which equals x @ (kernel * s) because s scales whole output columns. So the
+y = (x @ kernel.T.astype(dtype)) * s, which equals x @ (W~ * s) because s scales whole output columns. So the
 base model is unchanged, its frozen weights take half the memory of bf16, and a LoRA adapter beside the kernel
 still works (its leaves stay fp32). The error per weight is at most s / 2 (half a step of its channel's grid).
+
+Why (out, in), as torch's Linear stores its weight, unlike the float kernels' (in, out): the contraction axis
+is then contiguous, and XLA's GPU GEMM over int8 weights at decode shapes reads it faster: at 4 rows 8-20% per
+matmul on the 7B's shapes, 2.83 -> 2.37 ms of GEMMs a batch-4 decode step (H200; benchmarks/int8_matmul_sweep.py,
+BENCHMARKS.md). The rule is by dtype: an int8 kernel is (out, in)
+(`kernel_in_out` gives its logical shape); float and int4 kernels are (in, out).
 
 `quantize_int4(params, predicate, group_size)` is the 4-bit analogue, with one scale per `group_size` rows of
 each output column (kernel (in, out) int4 in [-7, 7], kernel_scale (in / group_size, out) fp32), as 4-bit
@@ -31,6 +37,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -50,10 +57,15 @@ def _symmetric(x, axis: int, xp, qmax: int = 127, qtype=np.int8):
 
 
 def quantize_kernel(kernel, bits: int = 8, group_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """(in, out) float -> (int8 or int4 (in, out), fp32 scale), symmetric, on the host. Scale (out,) per output
-  channel, or with group_size (in / group_size, out): one per group_size consecutive rows of each column."""
+  """(in, out) float -> (quantised kernel in its stored layout, fp32 scale), symmetric, on the host: int8 (out, in)
+  with a scale (out,) per output channel; int4 (in, out) with group_size (in / group_size, out) scales, one per
+  group_size consecutive rows of each column (or (out,) per channel without group_size)."""
   qmax, qtype = {8: (127, np.int8), 4: (7, jnp.int4)}[bits]
   kernel = np.asarray(kernel)
+  if bits == 8:
+    if group_size:
+      raise ValueError("quantize: int8 kernels take one scale per output channel, not groups")
+    return _symmetric(np.ascontiguousarray(kernel.T), 1, np, qmax, qtype)
   if not group_size:
     return _symmetric(kernel, 0, np, qmax, qtype)
   k, n = kernel.shape
@@ -79,38 +91,31 @@ def _grouped_weight(q, scale, dtype):
   return q.reshape(groups, k // groups, n).astype(dtype) * scale.astype(dtype)[:, None, :]
 
 
+def kernel_in_out(kernel) -> tuple[int, int]:
+  """(in, out) of a Linear kernel in any stored form (int8 kernels are stored (out, in))."""
+  rows, cols = kernel.shape
+  return (cols, rows) if kernel.dtype == jnp.int8 else (rows, cols)
+
+
 def dequantize_kernel(q, scale, dtype=jnp.float32):
+  """The (in, out) kernel in `dtype` from a stored int8 or int4 one."""
+  if q.dtype == jnp.int8:
+    return (q.astype(dtype) * scale.astype(dtype)[:, None]).T
   if scale.ndim == 1:
     return q.astype(dtype) * scale.astype(dtype)
   return _grouped_weight(q, scale, dtype).reshape(q.shape)
 
 
-MATMUL_IMPLEMENTATIONS = ("auto", "xla", "pallas")
-
-
-def matmul(x, q, scale, dtype, implementation: str = "auto"):
-  """(x @ dequantised kernel) in `dtype`: a per-column scale after the dot (int8), or, grouped (int4), one dot per
-  group with the scales applied to its partial sums (few rows: decode) or to the converted kernel (many rows).
-
-  implementation (int8): "xla", "pallas" (`pallas_gemv.gemv`: one kernel converting the weights by a bit trick;
-  interpreted off GPU), or "auto": pallas on a CUDA GPU (compute capability >= 8.0) for the few-row shapes whose
-  tiling table entry (`pallas_gemv.CONFIGS`) says it measured faster than XLA's GEMM; else xla (the table is
-  empty: on the H200 the kernel measured level with XLA, BENCHMARKS.md)."""
-  if implementation not in MATMUL_IMPLEMENTATIONS:
-    raise ValueError(f"quantized matmul implementation {implementation!r}: expected one of "
-                     f"{MATMUL_IMPLEMENTATIONS}")
+def matmul(x, q, scale, dtype):
+  """(x @ dequantised kernel) in `dtype`: int8 (out, in), contracted over its contiguous axis, with the per-channel
+  scale after the dot; int4 (in, out) grouped, one dot per group with the scales applied to its partial sums (few
+  rows: decode) or to the converted kernel (many rows)."""
   x = x.astype(dtype)
   rows = math.prod(x.shape[:-1])
-  if implementation == "pallas" and (scale.ndim != 1 or q.dtype != jnp.int8):
-    raise ValueError(f"quantized matmul implementation 'pallas' takes per-column int8 kernels, not {q.dtype} with "
-                     f"scales {scale.shape}")
+  if q.dtype == jnp.int8:
+    y = jax.lax.dot_general(x, q.astype(dtype), (((x.ndim - 1,), (1,)), ((), ())))
+    return y * scale.astype(dtype)
   if scale.ndim == 1:
-    if implementation != "xla" and q.dtype == jnp.int8:
-      from idmp_jax.models import pallas_gemv  # Local imports: Pallas only where it is used.
-      from idmp_jax.models.attention import triton_gpu
-      gpu = triton_gpu()
-      if implementation == "pallas" or (gpu and pallas_gemv.supported(rows, *q.shape)):
-        return pallas_gemv.gemv(x, q, scale, interpret=not gpu)
     return jnp.dot(x, q.astype(dtype)) * scale.astype(dtype)
   groups, (k, n) = scale.shape[0], q.shape
   xg = x.reshape(*x.shape[:-1], groups, k // groups)
