@@ -199,11 +199,7 @@ def main():
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--profile", default="", help="after timing, profile 3 steps into this folder and sum the "
                   "device kernels by kind (benchmarks/profile_summary.py)")
-  ap.add_argument("--lora-kernels", choices=["auto", "off"], default="auto",
-                  help="off: the adapters' dropout glue on XLA even where pallas_lora's kernels would run (A/B)")
   args = ap.parse_args()
-  if args.lora_kernels == "off":
-    lora.use_kernels = lambda *_: False  # The one switch adapted_matmul consults.
   dtype = jnp.dtype(args.dtype)
   res = 64 if args.small else 512
   batches = args.batch or ([2] if args.small else [16, 32])
@@ -226,8 +222,7 @@ def main():
       except Exception as e:  # e.g. out of memory: report and go on
         row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
       row = dict(kind=kind, batch=b, res=res, rca=True, dtype=str(dtype), remat=args.remat,
-                 attention=args.attention, lora_kernels=args.lora_kernels, lora_params=n_lora,
-                 device=jax.devices()[0].device_kind, **row)
+                 attention=args.attention, lora_params=n_lora, device=jax.devices()[0].device_kind, **row)
       print(json.dumps(row), flush=True)
       rows.append(row)
       del state, batch

@@ -107,37 +107,14 @@ def _adapter(module):
   return a, b, scale, rate, seed, dropout
 
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas")
-
-
-def adapted_matmul(module, x, kernel, implementation: str = "auto"):
+def adapted_matmul(module, x, kernel):
   """x @ kernel + scale * B(A(dropout(x))) for a Linear whose params hold LoRA leaves (no bias), in the module's
-  compute dtype. implementation (with dropout on): "xla", "pallas" (`pallas_lora`'s kernels make the mask in
-  registers; interpreted off GPU), or "auto": pallas on a CUDA GPU for the shapes `use_kernels` admits."""
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"LoRA implementation {implementation!r}: expected one of {IMPLEMENTATIONS}")
+  compute dtype."""
   a, b, scale, rate, seed, dropout = _adapter(module)
   lead = x.shape[:-1]
-  x2 = x.reshape(-1, x.shape[-1]).astype(module.dtype)
-  kernels = dropout and use_kernels(x2.shape, a.shape, implementation)
-  y = _lora_matmul(x2, kernel.astype(module.dtype), a, b, scale, rate, seed, dropout, kernels)
+  y = _lora_matmul(x.reshape(-1, x.shape[-1]).astype(module.dtype), kernel.astype(module.dtype), a, b, scale,
+                   rate, seed, dropout)
   return y.reshape(*lead, y.shape[-1])
-
-
-def use_kernels(x_shape, a_shape, implementation: str) -> bool:
-  """Whether the adapter's dropout glue runs as `pallas_lora`'s kernels: "pallas" wherever they take the shapes
-  (an error otherwise), "auto" on a CUDA GPU for inputs of at most 2048 features (the SD-2 UNet's, where they
-  were measured; the 7B decoder's 4096-11008 stay on XLA)."""
-  from idmp_jax.models import pallas_lora  # Local imports: Pallas only where it is used.
-  from idmp_jax.models.attention import triton_gpu
-  rows, k = x_shape
-  fits = pallas_lora.supported(rows, k, a_shape[1])
-  if implementation == "pallas":
-    if not fits:
-      raise ValueError(f"LoRA implementation 'pallas': input {tuple(x_shape)} with rank {a_shape[1]} is outside "
-                       "what pallas_lora's kernels take (pallas_lora.supported)")
-    return True
-  return implementation == "auto" and fits and k <= 2048 and triton_gpu()
 
 
 # Why a custom VJP, and the adapter's product folded into the base matmul's contraction ([x | h] @ [W; B], h =
@@ -145,45 +122,33 @@ def use_kernels(x_shape, a_shape, implementation: str) -> bool:
 # once more per adapted layer), writes B h at full width and adds it to W x in a separate pass, and does the same
 # again in the backward. On the SD-2 UNet's b32 LoRA step those passes were 21 ms of 167 (H200 profile,
 # BENCHMARKS.md). Here the forward writes [x | h] once and the base GEMM reads it; the backward takes [dx | dh] from
-# one GEMM, and recomputes the dropout mask (a hash of the element index) instead of storing it. With `kernels`
-# (GPU), `pallas_lora` does the masked parts without writing dropout(x) or dh A^T out at all.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _lora_matmul(x, kernel, a, b, scale, rate, seed, dropout: bool, kernels: bool = False):
-  return _lora_matmul_fwd(x, kernel, a, b, scale, rate, seed, dropout, kernels)[0]
+# one GEMM, and recomputes the dropout mask (a hash of the element index) instead of storing it.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _lora_matmul(x, kernel, a, b, scale, rate, seed, dropout: bool):
+  return _lora_matmul_fwd(x, kernel, a, b, scale, rate, seed, dropout)[0]
 
 
-def _lora_matmul_fwd(x, kernel, a, b, scale, rate, seed, dropout, kernels=False):
-  if kernels:
-    from idmp_jax.models import pallas_lora
-    from idmp_jax.models.attention import triton_gpu
-    xh = pallas_lora.concat_down(x, a, rate, seed, scale, interpret=not triton_gpu())
-  else:
-    xd = _apply_dropout(x, rate, seed) if dropout else x
-    h = jnp.dot(xd, a) * scale.astype(x.dtype)
-    xh = jnp.concatenate([x, h], axis=1)
+def _lora_matmul_fwd(x, kernel, a, b, scale, rate, seed, dropout):
+  xd = _apply_dropout(x, rate, seed) if dropout else x
+  h = jnp.dot(xd, a) * scale.astype(x.dtype)
+  xh = jnp.concatenate([x, h], axis=1)
   y = jnp.dot(xh, jnp.concatenate([kernel, b], axis=0))
   return y, (xh, kernel, a, b, scale, rate, seed)
 
 
-def _lora_matmul_bwd(dropout, kernels, res, dy):
+def _lora_matmul_bwd(dropout, res, dy):
   xh, kernel, a, b, scale, rate, seed = res
   k = kernel.shape[0]
   x, h = xh[:, :k], xh[:, k:]
   dxh = jnp.dot(dy, jnp.concatenate([kernel, b], axis=0).T)
+  dh = dxh[:, k:] * scale.astype(dy.dtype)
   db = jnp.dot(h.T, dy, preferred_element_type=jnp.float32).astype(b.dtype)
-  if kernels:
-    from idmp_jax.models import pallas_lora
-    from idmp_jax.models.attention import triton_gpu
-    dx, da = pallas_lora.backward(xh, dxh, a, rate, seed, scale, interpret=not triton_gpu())
-    da = da.astype(a.dtype)
-  else:
-    dh = dxh[:, k:] * scale.astype(dy.dtype)
-    xd = _apply_dropout(x, rate, seed) if dropout else x
-    da = jnp.dot(xd.T, dh, preferred_element_type=jnp.float32).astype(a.dtype)
-    dxd = jnp.dot(dh, a.T)
-    if dropout:
-      dxd = _apply_dropout(dxd, rate, seed)  # The same mask and rescaling: dropout is linear in its input.
-    dx = dxh[:, :k] + dxd
+  xd = _apply_dropout(x, rate, seed) if dropout else x
+  da = jnp.dot(xd.T, dh, preferred_element_type=jnp.float32).astype(a.dtype)
+  dxd = jnp.dot(dh, a.T)
+  if dropout:
+    dxd = _apply_dropout(dxd, rate, seed)  # The same mask and rescaling: dropout is linear in its input.
+  dx = dxh[:, :k] + dxd
   dkernel = jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(kernel.dtype)  # Dead code when frozen.
   return dx, dkernel, da, db, jnp.zeros_like(scale), jnp.zeros_like(rate), np.zeros(seed.shape, jax.dtypes.float0)
 
@@ -191,18 +156,11 @@ def _lora_matmul_bwd(dropout, kernels, res, dy):
 _lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
 
 
-def lowbias32(h):
+def _lowbias32(h):
   """Chris Wellons' 32-bit integer hash (lowbias32): full avalanche in two multiply-xorshift rounds."""
   h = (h ^ (h >> 16)) * jnp.uint32(0x7FEB352D)
   h = (h ^ (h >> 15)) * jnp.uint32(0x846CA68B)
   return h ^ (h >> 16)
-
-
-def dropout_keep(index, seed0, seed1, cut):
-  """The dropout mask of the elements at `index` (uint32): keep iff 16 bits of hash(index, seed) >= cut (int32,
-  round(rate * 2^16)). Shared by `_apply_dropout` and the GPU kernels (`pallas_lora`)."""
-  bits = lowbias32(lowbias32(index * jnp.uint32(0x9E3779B9) ^ seed0) ^ seed1) >> 16
-  return bits.astype(jnp.int32) >= cut  # Both below 2^17: a signed compare is exact.
 
 
 def _seed(key):
@@ -221,8 +179,9 @@ def _apply_dropout(x, rate, seed):
   if x.size >= 2**32:
     raise ValueError(f"LoRA dropout on {x.size} elements: the counter-based mask needs < 2^32")
   index = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)
+  bits = _lowbias32(_lowbias32(index * jnp.uint32(0x9E3779B9) ^ seed[0]) ^ seed[1]) >> 16
   cut = jnp.round(rate.astype(jnp.float32) * 65536.0)
-  keep = dropout_keep(index, seed[0], seed[1], cut.astype(jnp.int32))
+  keep = bits.astype(jnp.float32) >= cut
   return jnp.where(keep, x * (65536.0 / (65536.0 - cut)).astype(x.dtype), jnp.zeros((), x.dtype))
 
 
