@@ -44,7 +44,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     if fault == "404" or body is None:
       return self.send_error(404)
     if fault == "timeout":
-      time.sleep(0.8)
+      time.sleep(3.0)
     if fault in ("500", "429"):
       self.send_response(int(fault))
       self.send_header("Retry-After", "0")
@@ -105,7 +105,9 @@ def site(tmp_path):
   server.server_close()
 
 
-OPTIONS = download.Options(num_threads=8, timeout=0.4, retries=3, backoff=0.01, max_backoff=0.05)
+# A generous client timeout: a loaded CI machine once took over 0.4 s to answer a plain request (a 404 then
+# counted as a timeout and was retried); the "timeout" fault stalls well past it.
+OPTIONS = download.Options(num_threads=8, timeout=1.5, retries=3, backoff=0.01, max_backoff=0.05)
 
 
 def test_faults_resume_and_progress(site, tmp_path):
@@ -153,4 +155,4 @@ def test_already_split_images_are_not_fetched_and_cli_status(site, tmp_path):
   assert main(["download", "--csv", str(csv_path), "-o", str(out)]) == 0
   assert sum(server.requests.values()) == 0
   os.unlink(out / "train" / rows[5]["file_name"])
-  assert main(["download", "--csv", str(csv_path), "-o", str(out), "--timeout", "0.4", "--backoff", "0.01"]) == 1
+  assert main(["download", "--csv", str(csv_path), "-o", str(out), "--timeout", "1.5", "--backoff", "0.01"]) == 1
