@@ -12,7 +12,7 @@ base model is unchanged, its frozen weights take half the memory of bf16, and a 
 still works (its leaves stay fp32). The error per weight is at most s / 2 (half a step of its channel's grid).
 
 Why (out, in), as torch's Linear stores its weight, unlike the float kernels' (in, out): the contraction axis
-is then contiguous, and XLA's GPU GEMM over int8 weights at decode shapes reads it faster: at 4 rows 8-20% per
+is then contiguous, and XLA's GPU GEMM over int8 weights at decode shapes reads it faster: at 4 rows 4-20% per
 matmul on the 7B's shapes, 2.83 -> 2.37 ms of GEMMs a batch-4 decode step (H200; benchmarks/int8_matmul_sweep.py,
 BENCHMARKS.md). The rule is by dtype: an int8 kernel is (out, in)
 (`kernel_in_out` gives its logical shape); float and int4 kernels are (in, out).
