@@ -7,12 +7,13 @@
 #   bash benchmarks/device_runs.sh llava       # on the GPU machine (carry .whl): QLoRA (int4) step b4/b12
 #   bash benchmarks/device_runs.sh decode      # on the GPU machine (carry .whl): int8 decode profiles, b4 and b32
 #   bash benchmarks/device_runs.sh kernels     # on the GPU machine (carry .whl): int8 matmul layouts, attention b32
+#   bash benchmarks/device_runs.sh glue        # on the GPU machine (carry .whl): LoRA dropout glue, bytes vs hash
 #   bash benchmarks/device_runs.sh data        # on the GPU machine (carry .whl and .bench): folder vs ArrayRecord
 #
 # .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: device_runs.sh prepare|unet|llava|decode|kernels|data}"
+step="${1:?usage: device_runs.sh prepare|unet|llava|decode|kernels|glue|data}"
 
 wheels() {  # The GPU image lacks these (device README); its python is 3.12.
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -58,6 +59,9 @@ case "$step" in
     wheels || exit 1
     boxed 200 int8_matmul python3 -X faulthandler benchmarks/int8_matmul_sweep.py --rows 4,32
     boxed 150 attention_b32 python3 -X faulthandler benchmarks/decode_attention_sweep.py --rows 32 ;;
+  glue)  # ~1 min: is the UNet adapters' dropout glue bound by bytes or by the mask's hash (issue 5)?
+    wheels || exit 1
+    boxed 120 lora_dropout python3 -X faulthandler benchmarks/lora_dropout_sweep.py ;;
   data)  # ~4 min
     wheels || exit 1
     for size in "" 1024; do
