@@ -9,11 +9,13 @@
 #   bash benchmarks/device_runs.sh kernels     # on the GPU machine (carry .whl): int8 matmul layouts, attention b32
 #   bash benchmarks/device_runs.sh glue        # on the GPU machine (carry .whl): LoRA dropout glue, bytes vs hash
 #   bash benchmarks/device_runs.sh data        # on the GPU machine (carry .whl and .bench): folder vs ArrayRecord
+#   bash benchmarks/device_runs.sh norms BASE  # on the GPU machine (carry .whl and BASE): norms and the b32 step,
+#                                              # this tree against BASE (git archive REV idmp_jax benchmarks configs)
 #
 # .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: device_runs.sh prepare|unet|llava|decode|kernels|glue|data}"
+step="${1:?usage: device_runs.sh prepare|unet|llava|decode|kernels|glue|data|norms}"
 
 wheels() {  # The GPU image lacks these (device README); its python is 3.12.
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -62,6 +64,15 @@ case "$step" in
   glue)  # ~1 min: is the UNet adapters' dropout glue bound by bytes or by the mask's hash (issue 5)?
     wheels || exit 1
     boxed 120 lora_dropout python3 -X faulthandler benchmarks/lora_dropout_sweep.py ;;
+  norms)  # ~8 min: the UNet's norms at b32 (this tree's layers.py against BASE's), the b32 LoRA step of each, glue
+    base="${2:?norms needs the BASE folder}"
+    wheels || exit 1
+    export XLA_FLAGS=--xla_gpu_autotune_level=2
+    boxed 120 norm_sweep python3 -X faulthandler benchmarks/norm_sweep.py --compare "$base/idmp_jax/models/layers.py" \
+      --profile /tmp/norm_prof
+    boxed 190 train_step_this python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
+    (cd "$base" && boxed 190 train_step_base python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32)
+    boxed 80 lora_dropout python3 -X faulthandler benchmarks/lora_dropout_sweep.py ;;
   data)  # ~4 min
     wheels || exit 1
     for size in "" 1024; do
