@@ -23,7 +23,7 @@ import numpy as np
 
 from idmp_jax.convert import torch_format
 from idmp_jax.models.attention import Attention, rca_mask
-from idmp_jax.models.layers import (Conv2d, GroupNorm, LayerNorm, Linear, resize_nearest_torch,
+from idmp_jax.models.layers import (Conv2d, GroupNorm, LayerNorm, Linear, geglu, resize_nearest_torch,
                                    upsample_nearest_2x)
 
 LIST_NAMES = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
@@ -189,9 +189,7 @@ class _GEGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = Linear(2 * self.inner, dtype=self.dtype, name="proj")(x)
-    value, gate = jnp.split(h, 2, axis=-1)
-    return value * jax.nn.gelu(gate, approximate=False)
+    return geglu(Linear(2 * self.inner, dtype=self.dtype, name="proj")(x))
 
 
 class BasicTransformerBlock(nn.Module):
