@@ -68,7 +68,7 @@ case "$step" in
     base="${2:?norms needs the BASE folder}"
     wheels || exit 1
     export XLA_FLAGS=--xla_gpu_autotune_level=2
-    boxed 120 norm_sweep python3 -X faulthandler benchmarks/norm_sweep.py --compare "$base/idmp_jax/models/layers.py" \
+    boxed 120 unet_glue_sweep python3 -X faulthandler benchmarks/unet_glue_sweep.py --compare "$base/idmp_jax/models/layers.py" \
       --profile /tmp/norm_prof
     boxed 190 train_step_this python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
     (cd "$base" && boxed 190 train_step_base python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32)
