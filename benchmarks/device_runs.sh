@@ -9,8 +9,9 @@
 #   bash benchmarks/device_runs.sh kernels     # on the GPU machine (carry .whl): int8 matmul layouts, attention b32
 #   bash benchmarks/device_runs.sh glue        # on the GPU machine (carry .whl): LoRA dropout glue, bytes vs hash
 #   bash benchmarks/device_runs.sh data        # on the GPU machine (carry .whl and .bench): folder vs ArrayRecord
-#   bash benchmarks/device_runs.sh norms BASE  # on the GPU machine (carry .whl and BASE): norms and the b32 step,
-#                                              # this tree against BASE (git archive REV idmp_jax benchmarks configs)
+#   bash benchmarks/device_runs.sh norms BASE [LAYERS.py ...]  # on the GPU machine (carry .whl, BASE, the rest):
+#       XLA's streaming rate, the UNet's norms and GEGLU against BASE's (git archive REV idmp_jax benchmarks configs)
+#       and other layers.py variants, the b32 step
 #
 # .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
 set -uo pipefail
@@ -64,15 +65,22 @@ case "$step" in
   glue)  # ~1 min: is the UNet adapters' dropout glue bound by bytes or by the mask's hash (issue 5)?
     wheels || exit 1
     boxed 120 lora_dropout python3 -X faulthandler benchmarks/lora_dropout_sweep.py ;;
-  norms)  # ~8 min: the UNet's norms at b32 (this tree's layers.py against BASE's), the b32 LoRA step of each, glue
+  norms)  # ~8 min: XLA's streaming rate under flag variants; the UNet's norms and GEGLU at b32 (this tree's
+    # layers.py against BASE's and any further layers.py given after it); the b32 LoRA step, with and without
+    # the unroll flag
     base="${2:?norms needs the BASE folder}"
+    shift 2
     wheels || exit 1
+    unroll=--xla_gpu_experimental_max_unroll_factor=8
+    for flags in "" "$unroll"; do
+      XLA_FLAGS="$flags" boxed 60 "probe${flags:+_unroll8}" python3 -X faulthandler benchmarks/bandwidth_probe.py
+    done
     export XLA_FLAGS=--xla_gpu_autotune_level=2
-    boxed 120 unet_glue_sweep python3 -X faulthandler benchmarks/unet_glue_sweep.py --compare "$base/idmp_jax/models/layers.py" \
-      --profile /tmp/norm_prof
-    boxed 190 train_step_this python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
-    (cd "$base" && boxed 190 train_step_base python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32)
-    boxed 80 lora_dropout python3 -X faulthandler benchmarks/lora_dropout_sweep.py ;;
+    boxed 200 unet_glue_sweep python3 -X faulthandler benchmarks/unet_glue_sweep.py \
+      --compare "$base/idmp_jax/models/layers.py" "$@" --hlo "${OUT:-/tmp}/hlo"
+    boxed 170 train_step_this python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
+    XLA_FLAGS="$XLA_FLAGS $unroll" boxed 170 train_step_unroll8 python3 -X faulthandler benchmarks/train_step.py \
+      --kind unet --batch 32 ;;
   data)  # ~4 min
     wheels || exit 1
     for size in "" 1024; do

@@ -84,8 +84,8 @@ def make_fn(lib, key, dtype, params):
   return lambda x: mod.apply({"params": params}, x)
 
 
-def load_layers(path: str):
-  spec = importlib.util.spec_from_file_location("compare_layers", path)
+def load_layers(path: str, i: int = 0):
+  spec = importlib.util.spec_from_file_location(f"compare_layers{i}", path)
   mod = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = mod  # Flax's dataclass transform looks the module up by name.
   spec.loader.exec_module(mod)
@@ -97,7 +97,9 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--buffers", type=int, default=4)
   p.add_argument("--iters", type=int, default=10)
-  p.add_argument("--compare", default="", help="another layers.py to time beside this checkout's")
+  p.add_argument("--compare", nargs="*", default=[], help="other layers.py files to time beside this checkout's")
+  p.add_argument("--hlo", default="", help="write each variant's optimized HLO (forward + backward, the largest "
+                 "shape of each op) into this folder")
   p.add_argument("--profile", default="", help="profile the largest GroupNorm+SiLU's and GEGLU's forward + "
                  "backward per variant into this folder and list their kernels")
   p.add_argument("--small", action="store_true", help="tiny UNet, batch 2 (CPU smoke test)")
@@ -108,8 +110,8 @@ def main(argv=None):
   n, iters = (1, 2) if args.small else (args.buffers, args.iters)
   calls = glue_calls(ucfg, batch, dtype)
   variants = {"this": layers}
-  if args.compare:
-    variants["compare"] = load_layers(args.compare)
+  for i, path in enumerate(args.compare):
+    variants[f"compare{i}" if len(args.compare) > 1 else "compare"] = load_layers(path, i)
   print(f"devices: {jax.devices()}; batch {batch}; {sum(calls.values())} calls a forward, {len(calls)} "
         f"distinct; variants: " + ", ".join(f"{k} = {v.__file__}" for k, v in variants.items()), flush=True)
   rng = np.random.default_rng(0)
@@ -118,13 +120,15 @@ def main(argv=None):
   for v in variants:
     header += f" | {v + ' fwd us':>14} {'passes':>6} {'f+b us':>8} {'passes':>6}"
   print(header)
-  profiled = {}
-  for key, count in sorted(calls.items(), key=lambda kv: -np.prod(kv[0][1]) * kv[1]):
+  profiled, hlo_done = {}, {}
+  for i, (key, count) in enumerate(sorted(calls.items(), key=lambda kv: -np.prod(kv[0][1]) * kv[1])):
     kind, shape = key[0], key[1]
     c = shape[-1]
-    xs = [jnp.asarray(rng.standard_normal(shape) + rng.standard_normal(c), dtype) for _ in range(n)]
     out_shape = shape[:-1] + (c // 2,) if kind == "GEGLU" else shape
-    gs = [jnp.asarray(rng.standard_normal(out_shape), dtype) for _ in range(n)]
+    keys = jax.random.split(jax.random.key(i), 2 * n + 1)  # On the device: NumPy takes minutes here.
+    offset = jax.random.normal(keys[-1], (c,))
+    xs = [(jax.random.normal(k, shape) + offset).astype(dtype) for k in keys[:n]]
+    gs = [jax.random.normal(k, out_shape, dtype) for k in keys[n:2 * n]]
     params = {"scale": jnp.asarray(1 + 0.1 * rng.standard_normal(c), jnp.float32),
               "bias": jnp.asarray(0.1 * rng.standard_normal(c), jnp.float32)}
     copy_us = timed(jax.jit(lambda xs: [x * jnp.asarray(1.5, x.dtype) for x in xs]), (xs,), n, iters)
@@ -138,6 +142,11 @@ def main(argv=None):
       totals[(v, kind, "fwd")] += count * fwd_us
       totals[(v, kind, "f+b")] += count * both_us
       row += f" | {fwd_us:14.1f} {fwd_us / pass_us:6.1f} {both_us:8.1f} {both_us / pass_us:6.1f}"
+      if args.hlo and hlo_done.setdefault((kind, v), key) == key:
+        os.makedirs(args.hlo, exist_ok=True)
+        for what, fn, a in (("fwd", fwd, (xs[:1],)), ("fwd_bwd", both, (xs[:1], gs[:1]))):
+          with open(os.path.join(args.hlo, f"{kind}_{v}_{what}.txt"), "w") as f:
+            f.write(fn.lower(*a).compile().as_text())
       if args.profile and (kind == "GEGLU" or key[4] == "silu") and profiled.setdefault(kind, key) == key:
         print(f"\nprofile: {v}, {key}, forward + backward", flush=True)
         profile_steps(lambda: jax.block_until_ready(both(xs, gs)), 3, os.path.join(args.profile, kind, v), top=12)
