@@ -77,7 +77,7 @@ case "$step" in
     done
     export XLA_FLAGS=--xla_gpu_autotune_level=2
     boxed 200 unet_glue_sweep python3 -X faulthandler benchmarks/unet_glue_sweep.py \
-      --compare "$base/idmp_jax/models/layers.py" "$@" --hlo "${OUT:-/tmp}/hlo"
+      --compare "$base/idmp_jax/models/layers.py" "$@" --hlo "${OUT:-/tmp}/hlo" --profile /tmp/glue_prof
     boxed 170 train_step_this python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
     XLA_FLAGS="$XLA_FLAGS $unroll" boxed 170 train_step_unroll8 python3 -X faulthandler benchmarks/train_step.py \
       --kind unet --batch 32 ;;
