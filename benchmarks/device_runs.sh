@@ -12,11 +12,12 @@
 #   bash benchmarks/device_runs.sh norms BASE [LAYERS.py ...]  # on the GPU machine (carry .whl, BASE, the rest):
 #       XLA's streaming rate, the UNet's norms and GEGLU against BASE's (git archive REV idmp_jax benchmarks configs)
 #       and other layers.py variants, the b32 step
+#   bash benchmarks/device_runs.sh flags 'FLAGS1' 'FLAGS2' ...  # on the GPU machine (carry .whl): probe + b32 step per set
 #
 # .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-step="${1:?usage: device_runs.sh prepare|unet|llava|decode|kernels|glue|data|norms}"
+step="${1:?usage: device_runs.sh prepare|unet|llava|decode|kernels|glue|data|norms|flags}"
 
 wheels() {  # The GPU image lacks these (device README); its python is 3.12.
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -81,6 +82,18 @@ case "$step" in
     boxed 170 train_step_this python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
     XLA_FLAGS="$XLA_FLAGS $unroll" boxed 170 train_step_unroll8 python3 -X faulthandler benchmarks/train_step.py \
       --kind unet --batch 32 ;;
+  flags)  # ~3 min per flag set: XLA's streaming rate and the b32 LoRA step under each XLA_FLAGS set given
+    shift
+    wheels || exit 1
+    i=0
+    for flags in "$@"; do
+      i=$((i + 1))
+      echo "flag set $i: $flags"
+      XLA_FLAGS="--xla_gpu_autotune_level=2 $flags" boxed 60 "probe_flags$i" python3 -X faulthandler \
+        benchmarks/bandwidth_probe.py && \
+      XLA_FLAGS="--xla_gpu_autotune_level=2 $flags" boxed 170 "train_step_flags$i" python3 -X faulthandler \
+        benchmarks/train_step.py --kind unet --batch 32
+    done ;;
   data)  # ~4 min
     wheels || exit 1
     for size in "" 1024; do
