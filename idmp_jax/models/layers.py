@@ -84,9 +84,8 @@ def _outer_axes(ndim: int, axes: tuple) -> tuple:
 
 
 def _mean(t, axes):
-  """t.mean(axes, keepdims=True); grouped axes as per-channel sums over the outer axes first, then over the
-  group's channels: a column reduction with the channels contiguous, which XLA:GPU runs at bandwidth, instead of
-  one reduction over strided axes."""
+  """t.mean(axes, keepdims=True); grouped axes as per-channel sums over the outer axes first (a column reduction,
+  channels contiguous), then over the group's channels: the forward statistics' reduction order."""
   outer = _outer_axes(t.ndim, axes)
   if not outer:
     return t.mean(axis=axes, keepdims=True)
@@ -98,7 +97,8 @@ def _normalize_fwd_stats(xf, axes, eps):
   """(mean, rsqrt(var + eps)) over `axes`, fp32. Rows (LayerNorm): two passes, mean then the mean of squared
   deviations. Groups: one pass over x for per-channel sums of (x - shift) and its square, shift = each channel's
   first element (so the sums stay small and the variance does not cancel), then the channels' means and squared
-  deviations combined per group (Chan et al.'s pairwise formula): x is read once for its statistics."""
+  deviations combined per group (Chan et al.'s pairwise formula): x is read once for its statistics, one
+  reduction kernel where the two passes took two (H200 profile, BENCHMARKS.md)."""
   outer = _outer_axes(xf.ndim, axes)
   if not outer:
     mean = xf.mean(axis=axes, keepdims=True)
@@ -172,7 +172,8 @@ def geglu(h):
   """value * gelu(gate) (exact, erf) for (value, gate) = the two halves of h's last axis: diffusers' GEGLU after
   its projection. Why a custom VJP: the backward keeps only h (the projection's output, alive anyway) and
   recomputes gelu(gate) and its derivative in fp32 in the one pass that writes dh, where autodiff keeps gelu(gate)
-  as an extra residual and writes the two halves' gradients before concatenating them."""
+  as an extra residual and writes the two halves' gradients before concatenating them. On an H200 at b32 the
+  SD-2 UNet's GEGLU forward + backward went 9.7 -> 6.0 ms and its LoRA step's memory 25.4 -> 22.6 GiB."""
   value, gate = jnp.split(h, 2, axis=-1)
   return value * jax.nn.gelu(gate, approximate=False)
 
