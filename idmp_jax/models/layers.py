@@ -89,7 +89,7 @@ def _mean(t, axes):
   outer = _outer_axes(t.ndim, axes)
   if not outer:
     return t.mean(axis=axes, keepdims=True)
-  n = functools.reduce(lambda a, b: a * b, (t.shape[a] for a in axes), 1)
+  n = math.prod(t.shape[a] for a in axes)
   return t.sum(axis=outer, keepdims=True).sum(axis=t.ndim - 1, keepdims=True) / n
 
 
@@ -104,13 +104,14 @@ def _normalize_fwd_stats(xf, axes, eps):
     mean = xf.mean(axis=axes, keepdims=True)
     var = jnp.square(xf - mean).mean(axis=axes, keepdims=True)
     return mean, jax.lax.rsqrt(var + eps)
-  n = functools.reduce(lambda a, b: a * b, (xf.shape[a] for a in outer), 1)
+  n = math.prod(xf.shape[a] for a in outer)
   shift = xf[tuple(slice(0, 1) if a in outer else slice(None) for a in range(xf.ndim))]
   d = xf - shift
   s1 = d.sum(axis=outer, keepdims=True)
   s2 = jnp.square(d).sum(axis=outer, keepdims=True)
-  channel_mean = shift + s1 / n
-  channel_m2 = jnp.maximum(s2 - s1 * (s1 / n), 0.0)  # Sum of squared deviations from the channel's mean.
+  offset = s1 / n  # The channel's mean minus its shift.
+  channel_mean = shift + offset
+  channel_m2 = jnp.maximum(s2 - s1 * offset, 0.0)  # Sum of squared deviations from the channel's mean.
   mean = channel_mean.mean(axis=-1, keepdims=True)
   m2 = channel_m2.sum(axis=-1, keepdims=True) + n * jnp.square(channel_mean - mean).sum(axis=-1, keepdims=True)
   return mean, jax.lax.rsqrt(m2 / (n * xf.shape[-1]) + eps)
