@@ -13,6 +13,8 @@
 #       XLA's streaming rate, the UNet's norms and GEGLU against BASE's (git archive REV idmp_jax benchmarks configs)
 #       and other layers.py variants, the b32 step
 #   bash benchmarks/device_runs.sh flags 'FLAGS1' 'FLAGS2' ...  # on the GPU machine (carry .whl): probe + b32 step per set
+#   bash benchmarks/device_runs.sh profile     # on the GPU machine (carry .whl): b32 step profiled by model source;
+#       the UNet's attention calls alone
 #
 # .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
 set -uo pipefail
@@ -94,6 +96,14 @@ case "$step" in
       XLA_FLAGS="--xla_gpu_autotune_level=2 $flags" boxed 170 "train_step_flags$i" python3 -X faulthandler \
         benchmarks/train_step.py --kind unet --batch 32
     done ;;
+  profile)  # ~6 min: the b32 LoRA step timed and profiled, its kernels summed by the model code they come from
+    wheels || exit 1
+    export XLA_FLAGS=--xla_gpu_autotune_level=2
+    boxed 120 attention_probe python3 -X faulthandler benchmarks/attention_probe.py
+    boxed 280 train_step_profile python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
+      --profile /tmp/step_profile
+    gzip -c /tmp/step_profile/unet/b32/step.hlo.txt > "${OUT:-/tmp}/step.hlo.txt.gz"
+    cp "$(find /tmp/step_profile -name perfetto_trace.json.gz | head -1)" "${OUT:-/tmp}/" ;;
   data)  # ~4 min
     wheels || exit 1
     for size in "" 1024; do

@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 from idmp_jax import schedulers  # noqa: E402
 from idmp_jax.models import clip, lora, unet, vae  # noqa: E402
 from idmp_jax.train import diffusion, optimizer as optim, tiny  # noqa: E402
+from benchmarks.profile_by_source import profile_by_source  # noqa: E402
 from benchmarks.profile_summary import executable_gib, peak_memory_gib, profile_steps  # noqa: E402
 
 SD2_UNET = dict(
@@ -182,8 +183,13 @@ def measure(step, state, frozen, batch, steps: int, b: int, profile_dir: str = "
     def run_step():
       holder[0], o = compiled(holder[0], frozen, batch)
       jax.block_until_ready(o)
-    summary = profile_steps(run_step, 3, os.path.join(profile_dir, f"b{b}"))
+    log_dir = os.path.join(profile_dir, f"b{b}")
+    summary = profile_steps(run_step, 3, log_dir)
     row["profile"] = {k: summary[k] for k in ("kernel_ms_per_step", "kinds", "trace")}
+    hlo_path = os.path.join(log_dir, "step.hlo.txt")
+    with open(hlo_path, "w", encoding="utf-8") as f:
+      f.write(compiled.as_text())
+    profile_by_source(summary["trace"], hlo_path, 3)
     state = holder[0]
   return row, state
 

@@ -1,0 +1,87 @@
+"""The SD-2 UNet's attention calls at b32, 512 px, alone: cuDNN flash attention forward and forward + backward per
+shape, in TFLOP/s, in the layout the UNet feeds it (BTNH) and heads-major (BNTH), and the RCA cross-attention with
+and without its mask. Issue 5: attention is ~23% of the LoRA step; is it at cuDNN's rate, and does the layout or
+RCA's mask cost anything?
+
+  python benchmarks/attention_probe.py            # on the GPU
+  python benchmarks/attention_probe.py --small    # CPU smoke test (XLA attention, tiny shapes)
+
+FLOPs: forward 4·B·N·T·S·H, backward 2.5x that (dQ, dK, dV and the recomputed logits). Each call is a jit over
+--buffers distinct inputs so the time is the kernels', not the dispatch's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.decode_attention_sweep import timed  # noqa: E402
+
+# (tokens, heads) of the UNet's four levels at 512 px; head dim 64; 77 text tokens (padded to 78 with a mask).
+LEVELS = ((4096, 5), (1024, 10), (256, 20), (64, 20))
+
+
+def attention(impl: str, layout: str):
+  def fn(q, k, v, mask):
+    if impl == "xla":
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    return cudnn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, qkv_layout=layout)
+  return fn
+
+
+def probe(b, t, s, n, h, layout, masked, impl, buffers, iters, rng):
+  shape = lambda length: (b, n, length, h) if layout == "BNTH" else (b, length, n, h)
+  make = lambda length: jnp.asarray(rng.standard_normal(shape(length)), jnp.bfloat16)
+  inputs = [(make(t), make(s), make(s)) for _ in range(buffers)]
+  mask = None
+  if masked:
+    mask = jnp.asarray(rng.uniform(size=(b, 1, t, s)) > 0.3)
+    mask = mask.at[..., 0].set(True)  # Every query sees a token (BOS is region 0 in RCA).
+  fn = attention(impl, layout)
+  fwd = jax.jit(lambda xs: [fn(q, k, v, mask) for q, k, v in xs])
+
+  def fwd_bwd(xs):
+    outs = []
+    for q, k, v in xs:
+      o, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, mask), q, k, v)
+      outs.append(vjp(o))
+    return outs
+  flops = 4 * b * n * t * s * h
+  us_f = timed(fwd, (inputs,), buffers, iters)
+  us_fb = timed(jax.jit(fwd_bwd), (inputs,), buffers, iters)
+  return us_f, us_fb, flops / us_f / 1e6, 3.5 * flops / us_fb / 1e6
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--small", action="store_true")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--buffers", type=int, default=4)
+  p.add_argument("--iters", type=int, default=20)
+  args = p.parse_args(argv)
+  rng = np.random.default_rng(0)
+  impl = "xla" if args.small else "cudnn"
+  levels = ((64, 2), (16, 4)) if args.small else LEVELS
+  b = 2 if args.small else args.batch
+  print(f"{'call':28s} {'layout':6s} {'fwd us':>9s} {'fwd+bwd us':>11s} {'fwd TF/s':>9s} {'f+b TF/s':>9s}")
+  for t, n in levels:
+    for name, s, masked in (("self", t, False), ("cross 78, RCA mask", 78, True), ("cross 78, no mask", 78, False)):
+      for layout in ("BTNH",) if args.small else ("BTNH", "BNTH"):  # jax.nn's XLA path is BTNH only.
+        if masked and layout == "BNTH":
+          continue
+        try:
+          f, fb, tf, tfb = probe(b, t, s, n, 64, layout, masked, impl, args.buffers, args.iters, rng)
+          print(f"{name + f' T={t} N={n}':28s} {layout:6s} {f:9.1f} {fb:11.1f} {tf:9.1f} {tfb:9.1f}", flush=True)
+        except Exception as e:  # A layout cuDNN refuses: say so and go on.
+          print(f"{name + f' T={t} N={n}':28s} {layout:6s} failed: {type(e).__name__}: {str(e)[:150]}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

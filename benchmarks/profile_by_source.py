@@ -1,0 +1,103 @@
+"""A step's device kernels summed by the model code they come from: the profiler's trace joined to the compiled
+step's optimized HLO (each kernel's HLO instruction -> its `op_name` metadata, the JAX/Flax call path).
+
+  python benchmarks/profile_by_source.py TRACE.json.gz STEP.hlo.txt [STEPS]
+
+`benchmarks/train_step.py --profile DIR` writes both (the HLO as `step.hlo.txt` beside the trace) and prints this
+summary. Each kernel is put under (direction, module, kind): direction "bwd" where its op_name passes through
+`transpose(...)` (JAX's backward), module the Flax module path with block indices dropped (down_blocks_0/
+attentions_1/.../attn1/to_q -> attentions/transformer_blocks/attn1/to_q), kind as profile_summary's (attention,
+convolution, matmul, fusion/other). Kernels whose instruction is not found in the HLO (library kernels without an
+HLO op in the trace, the optimizer's, ...) are listed as unjoined by name.
+"""
+from __future__ import annotations
+
+import collections
+import re
+import sys
+
+from benchmarks.profile_summary import device_events, kind_of, load_trace
+
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s.*?metadata=\{[^}]*?op_name="([^"]*)"')
+_WRAPPER = re.compile(r"^(jit|pjit|jvp|transpose|vmap|remat|checkpoint|custom_vjp_call|custom_jvp_call)\b|\(")
+
+
+def _norm(name: str) -> str:
+  """XLA names kernels after their instruction with '.' and '-' made '_'."""
+  return re.sub(r"[.\-]", "_", name)
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """{normalised instruction name: op_name} for every instruction of an HLO module's text that has one."""
+  out = {}
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if m:
+      out.setdefault(_norm(m.group(1)), m.group(2))
+  return out
+
+
+def source_of(op_name: str) -> tuple[str, str]:
+  """(direction, module path without indices, last 5 levels) of a JAX op_name."""
+  direction = "bwd" if "transpose(" in op_name else "fwd"
+  parts = [p for p in op_name.split("/") if p and not _WRAPPER.search(p)]
+  modules = [re.sub(r"_\d+$", "", p) for p in parts[:-1]]  # The last part is the primitive.
+  path = "/".join(modules[-5:]) or "(top)"
+  return direction, path
+
+
+def _kernel_instruction(event: dict, names: dict[str, str]) -> str | None:
+  args = event.get("args") or {}
+  for key in ("hlo_op", "long_name", "name"):
+    value = args.get(key)
+    if isinstance(value, str) and _norm(value.split(" ")[0].lstrip("%")) in names:
+      return _norm(value.split(" ")[0].lstrip("%"))
+  name = _norm(event.get("name", ""))
+  return name if name in names else None
+
+
+def summarize(events: list[dict], hlo_text: str, steps: int, top: int = 45) -> dict:
+  names = op_names(hlo_text)
+  by_source, by_module, unjoined = collections.Counter(), collections.Counter(), collections.Counter()
+  joined_us = total_us = 0.0
+  for e in device_events(events):
+    us = float(e["dur"])
+    total_us += us
+    inst = _kernel_instruction(e, names)
+    if inst is None:
+      unjoined[e.get("name", "")[:90]] += us
+      continue
+    joined_us += us
+    direction, path = source_of(names[inst])
+    by_source[(direction, path, kind_of(e.get("name", "")))] += us
+    leaf = "/".join(path.split("/")[-2:])
+    by_module[(direction, leaf)] += us
+  ms = lambda us: round(us / steps / 1e3, 3)
+  return {"kernel_ms_per_step": ms(total_us), "joined_ms_per_step": ms(joined_us),
+          "by_source": [(d, p, k, ms(us)) for (d, p, k), us in by_source.most_common(top)],
+          "by_module": [(d, p, ms(us)) for (d, p), us in by_module.most_common(top)],
+          "unjoined": [(n, ms(us)) for n, us in unjoined.most_common(12)]}
+
+
+def print_summary(s: dict) -> None:
+  print(f"kernels {s['kernel_ms_per_step']} ms a step, {s['joined_ms_per_step']} ms joined to the HLO's op_names")
+  print("  by module (last two levels), both kinds:")
+  for d, p, v in s["by_module"]:
+    print(f"    {v:8.3f} ms  {d}  {p}")
+  print("  by source and kernel kind:")
+  for d, p, k, v in s["by_source"]:
+    print(f"    {v:8.3f} ms  {d}  {k:14s} {p}")
+  print("  not joined:")
+  for n, v in s["unjoined"]:
+    print(f"    {v:8.3f} ms  {n}")
+
+
+def profile_by_source(trace_path: str, hlo_path: str, steps: int) -> dict:
+  with open(hlo_path, encoding="utf-8") as f:
+    summary = summarize(load_trace(trace_path), f.read(), steps)
+  print_summary(summary)
+  return summary
+
+
+if __name__ == "__main__":
+  profile_by_source(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1)
