@@ -38,11 +38,13 @@ def op_names(hlo_text: str) -> dict[str, str]:
 
 
 def source_of(op_name: str) -> tuple[str, str]:
-  """(direction, module path without indices, last 5 levels) of a JAX op_name."""
+  """(direction, module path, its last 6 levels) of a JAX op_name."""
   direction = "bwd" if "transpose(" in op_name else "fwd"
   parts = [p for p in op_name.split("/") if p and not _WRAPPER.search(p)]
-  modules = [re.sub(r"_\d+$", "", p) for p in parts[:-1]]  # The last part is the primitive.
-  path = "/".join(modules[-5:]) or "(top)"
+  # The last part is the primitive. Block indices are dropped below the UNet's levels (down_blocks_N / up_blocks_N
+  # stay: they say the resolution).
+  modules = [p if re.fullmatch(r"(down|up)_blocks_\d+", p) else re.sub(r"_\d+$", "", p) for p in parts[:-1]]
+  path = "/".join(modules[-6:]) or "(top)"
   return direction, path
 
 
