@@ -13,10 +13,13 @@ HLO op in the trace, the optimizer's, ...) are listed as unjoined by name.
 from __future__ import annotations
 
 import collections
+import os
 import re
 import sys
 
-from benchmarks.profile_summary import device_events, kind_of, load_trace
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.profile_summary import device_events, kind_of, load_trace  # noqa: E402
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s.*?metadata=\{[^}]*?op_name="([^"]*)"')
 _WRAPPER = re.compile(r"^(jit|pjit|jvp|transpose|vmap|remat|checkpoint|custom_vjp_call|custom_jvp_call)\b|\(")
