@@ -99,6 +99,23 @@ def test_group_norm_rejects_unknown_activation():
     GroupNorm(2, activation="gelu").init(jax.random.key(0), jnp.zeros((1, 2, 2, 4)))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gelu_matches_torch(dtype):
+  """layers.gelu (fp32 erf, one rounding) against torch's exact GELU, tails included."""
+  import torch
+  from idmp_jax.models.layers import gelu
+  x = np.concatenate([np.random.default_rng(5).standard_normal(4096) * 3.0, np.linspace(-12, 12, 97)])
+  xt = torch.tensor(x, dtype=getattr(torch, dtype))
+  ref = torch.nn.functional.gelu(xt).float().numpy()
+  ours = gelu(jnp.asarray(xt.float().numpy(), dtype))
+  assert ours.dtype == jnp.dtype(dtype)
+  ours = np.asarray(ours, np.float32)
+  if dtype == "float32":
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+  else:  # At most one bf16 rounding step apart.
+    np.testing.assert_allclose(ours, ref, rtol=2 ** -7, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
 def test_geglu_matches_autodiff(dtype, tol):
   """layers.geglu's custom VJP (fp32 recompute from h) against autodiff of diffusers' formula."""

@@ -37,7 +37,7 @@ import numpy as np
 
 from idmp_jax.convert import torch_format as tf
 from idmp_jax.models.attention import dot_product_attention
-from idmp_jax.models.layers import Conv2d, LayerNorm, Linear
+from idmp_jax.models.layers import Conv2d, LayerNorm, Linear, gelu
 
 LIST_NAMES = ("layers",)
 TEXT_PREFIX = "text_model."
@@ -46,7 +46,7 @@ _WEIGHT_STEMS = ("model", "model.fp16")
 _OBSOLETE_BUFFERS = ("embeddings.position_ids",)  # Persistent in transformers < 4.31, never a parameter.
 
 _ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # SD-2's OpenCLIP ViT-H text tower.
+    "gelu": gelu,  # SD-2's OpenCLIP ViT-H text tower.
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP (LLaVA's vision tower).
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),

@@ -43,7 +43,7 @@ import numpy as np
 
 from idmp_jax.convert import torch_format
 from idmp_jax.models import clip, llama
-from idmp_jax.models.layers import Linear
+from idmp_jax.models.layers import Linear, gelu
 
 LIST_NAMES = ("layers",)
 STOCK_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -224,7 +224,7 @@ class MultiModalProjector(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = Linear(self.features, use_bias=self.use_bias, dtype=self.dtype, name="linear_1")(x)
-    x = jax.nn.gelu(x, approximate=False)  # ACT2FN["gelu"]: the erf form.
+    x = gelu(x)  # ACT2FN["gelu"]: the erf form.
     return Linear(self.features, use_bias=self.use_bias, dtype=self.dtype, name="linear_2")(x)
 
 
