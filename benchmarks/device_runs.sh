@@ -15,6 +15,9 @@
 #   bash benchmarks/device_runs.sh flags 'FLAGS1' 'FLAGS2' ...  # on the GPU machine (carry .whl): probe + b32 step per set
 #   bash benchmarks/device_runs.sh profile     # on the GPU machine (carry .whl): b32 step profiled by model source;
 #       the UNet's attention calls alone
+#   bash benchmarks/device_runs.sh ab BASE [nocb]  # on the GPU machine (carry .whl, BASE): the b32 step of this tree
+#       and of BASE (git archive REV idmp_jax benchmarks configs), back to back; nocb: then this tree's step
+#       profiled without CUDA graphs (each kernel named by its HLO op) and summed by model source
 #
 # .whl/ and .bench/ must be ignored (.git/info/exclude) so that they travel only when carried.
 set -uo pipefail
@@ -104,6 +107,18 @@ case "$step" in
       --profile /tmp/step_profile
     gzip -c /tmp/step_profile/unet/b32/step.hlo.txt > "${OUT:-/tmp}/step.hlo.txt.gz"
     cp "$(find /tmp/step_profile -name perfetto_trace.json.gz | head -1)" "${OUT:-/tmp}/" ;;
+  ab)  # ~3 min per step: an A/B of the b32 LoRA step against BASE's tree
+    base="${2:?ab needs the BASE folder}"
+    wheels || exit 1
+    export XLA_FLAGS=--xla_gpu_autotune_level=2
+    boxed 200 train_step_this python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
+    (cd "$base" && boxed 200 train_step_base python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32)
+    if [ "${3:-}" = nocb ]; then
+      XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_command_buffer=" boxed 220 train_step_nocb_profile python3 \
+        -X faulthandler benchmarks/train_step.py --kind unet --batch 32 --steps 3 --profile /tmp/step_profile
+      gzip -c /tmp/step_profile/unet/b32/step.hlo.txt > "${OUT:-/tmp}/step.hlo.txt.gz"
+      cp "$(find /tmp/step_profile -name perfetto_trace.json.gz | head -1)" "${OUT:-/tmp}/"
+    fi ;;
   data)  # ~4 min
     wheels || exit 1
     for size in "" 1024; do

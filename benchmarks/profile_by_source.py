@@ -51,44 +51,57 @@ def source_of(op_name: str) -> tuple[str, str]:
   return direction, path
 
 
-def _kernel_instruction(event: dict, names: dict[str, str]) -> str | None:
+def kernel_op_name(event: dict, names: dict[str, str]) -> tuple[str | None, bool]:
+  """(op_name, exact) of a kernel event. Exact: a kernel launched on its own carries its HLO op (`hlo_op`) and
+  that op's op_name (`name`) in the trace. Inside a CUDA graph (XLA's command buffers) `hlo_op` is the command
+  buffer, so the kernel's own name is looked up in the HLO instead; that is approximate, as XLA names a kernel
+  after the first of the identical fusions that share it (profile with --xla_gpu_enable_command_buffer= for an
+  exact split)."""
   args = event.get("args") or {}
-  for key in ("hlo_op", "long_name", "name"):
-    value = args.get(key)
-    if isinstance(value, str) and _norm(value.split(" ")[0].lstrip("%")) in names:
-      return _norm(value.split(" ")[0].lstrip("%"))
+  if "/" in str(args.get("name", "")):
+    return args["name"], True
+  op = _norm(str(args.get("hlo_op", "")).lstrip("%"))
+  if op in names:
+    return names[op], True
   name = _norm(event.get("name", ""))
-  return name if name in names else None
+  return names.get(name), False
 
 
 def summarize(events: list[dict], hlo_text: str, steps: int, top: int = 45) -> dict:
   names = op_names(hlo_text)
-  by_source, by_module, unjoined = collections.Counter(), collections.Counter(), collections.Counter()
-  joined_us = total_us = 0.0
+  by_source, by_module, by_leaf_kind, unjoined = (collections.Counter() for _ in range(4))
+  joined_us = total_us = exact_us = 0.0
   for e in device_events(events):
     us = float(e["dur"])
     total_us += us
-    inst = _kernel_instruction(e, names)
-    if inst is None:
+    op_name, exact = kernel_op_name(e, names)
+    if op_name is None:
       unjoined[e.get("name", "")[:90]] += us
       continue
     joined_us += us
-    direction, path = source_of(names[inst])
+    exact_us += us if exact else 0.0
+    direction, path = source_of(op_name)
     by_source[(direction, path, kind_of(e.get("name", "")))] += us
     leaf = "/".join(path.split("/")[-2:])
     by_module[(direction, leaf)] += us
+    by_leaf_kind[(direction, leaf, kind_of(e.get("name", "")))] += us
   ms = lambda us: round(us / steps / 1e3, 3)
-  return {"kernel_ms_per_step": ms(total_us), "joined_ms_per_step": ms(joined_us),
+  return {"kernel_ms_per_step": ms(total_us), "joined_ms_per_step": ms(joined_us), "exact_ms_per_step": ms(exact_us),
           "by_source": [(d, p, k, ms(us)) for (d, p, k), us in by_source.most_common(top)],
           "by_module": [(d, p, ms(us)) for (d, p), us in by_module.most_common(top)],
+          "by_module_kind": [(d, p, k, ms(us)) for (d, p, k), us in by_leaf_kind.most_common(top)],
           "unjoined": [(n, ms(us)) for n, us in unjoined.most_common(12)]}
 
 
 def print_summary(s: dict) -> None:
-  print(f"kernels {s['kernel_ms_per_step']} ms a step, {s['joined_ms_per_step']} ms joined to the HLO's op_names")
+  print(f"kernels {s['kernel_ms_per_step']} ms a step, {s['joined_ms_per_step']} ms joined to the HLO's op_names "
+        f"({s['exact_ms_per_step']} ms exactly, by the kernel's own HLO op)")
   print("  by module (last two levels), both kinds:")
   for d, p, v in s["by_module"]:
     print(f"    {v:8.3f} ms  {d}  {p}")
+  print("  by module (last two levels) and kernel kind:")
+  for d, p, k, v in s["by_module_kind"]:
+    print(f"    {v:8.3f} ms  {d}  {k:14s} {p}")
   print("  by source and kernel kind:")
   for d, p, k, v in s["by_source"]:
     print(f"    {v:8.3f} ms  {d}  {k:14s} {p}")
