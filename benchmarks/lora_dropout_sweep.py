@@ -1,5 +1,5 @@
 """Is the LoRA dropout glue bound by its bytes or by its mask's hash? Times, on one SD-2 UNet adapter input at
-64x64 latents (b32: 131072 x 320 bf16), the pieces of `lora._lora_matmul`'s forward glue beside a plain copy and
+64x64 latents (b32: 131072 x 320 bf16), the pieces of `lora._lora_matmuls`'s forward glue beside a plain copy and
 beside the hash alone (issue 5: the adapters' glue is ~17 ms of the b32 step; BENCHMARKS.md).
 
   python benchmarks/lora_dropout_sweep.py            # on the GPU

@@ -52,17 +52,17 @@ def source_of(op_name: str) -> tuple[str, str]:
 
 
 def kernel_op_name(event: dict, names: dict[str, str]) -> tuple[str | None, bool]:
-  """(op_name, exact) of a kernel event. Exact: a kernel launched on its own carries its HLO op (`hlo_op`) and
-  that op's op_name (`name`) in the trace. Inside a CUDA graph (XLA's command buffers) `hlo_op` is the command
+  """(op_name, exact) of a kernel event. Exact: a kernel launched on its own carries its HLO op (`hlo_op`), whose
+  op_name the HLO's metadata gives. Inside a CUDA graph (XLA's command buffers) `hlo_op` is the command
   buffer, so the kernel's own name is looked up in the HLO instead; that is approximate, as XLA names a kernel
   after the first of the identical fusions that share it (profile with --xla_gpu_enable_command_buffer= for an
   exact split)."""
   args = event.get("args") or {}
-  if "/" in str(args.get("name", "")):
-    return args["name"], True
   op = _norm(str(args.get("hlo_op", "")).lstrip("%"))
   if op in names:
     return names[op], True
+  if "/" in str(args.get("name", "")):  # (The trace's own op_name is bare "jit(step)" for some fusions.)
+    return args["name"], True
   name = _norm(event.get("name", ""))
   return names.get(name), False
 

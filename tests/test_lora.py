@@ -180,6 +180,65 @@ def test_adapted_linear_gradients_equal_autodiff(rng, dropout):
     assert rel_err(ours(p, x), layers.Linear(7).apply({"params": p}, x)) > 1e-3
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+def test_shared_input_adapters_equal_autodiff(rng, dropout):
+  """`lora._lora_matmuls` on three layers sharing x (self-attention's to_q/k/v: one [x | h_1 | h_2 | h_3] operand,
+  custom VJP) against autodiff of the plain formulas x W_i + s_i B_i A_i dropout_i(x), each with its own mask."""
+  x = jnp.asarray(rng.standard_normal((10, 12)), jnp.float32)
+  widths, ranks = (7, 5, 6), (3, 2, 3)
+  kernels = tuple(jnp.asarray(rng.standard_normal((12, n)), jnp.float32) for n in widths)
+  a = tuple(jnp.asarray(rng.standard_normal((12, r)), jnp.float32) for r in ranks)
+  b = tuple(jnp.asarray(rng.standard_normal((r, n)), jnp.float32) for r, n in zip(ranks, widths))
+  scale = tuple(jnp.float32(v) for v in (0.7, 1.3, 0.5))
+  rate = tuple(jnp.float32(0.3) for _ in widths)
+  seed = tuple(lora._seed(jax.random.key(i)) for i in range(3))
+
+  def plain(x, kernels, a, b):
+    drop = lambda i: lora._apply_dropout(x, rate[i], seed[i]) if dropout else x
+    return tuple(x @ kernels[i] + scale[i] * (drop(i) @ a[i]) @ b[i] for i in range(3))
+
+  ours = lambda x, kernels, a, b: lora._lora_matmuls(x, kernels, a, b, scale, rate, seed, dropout)
+  for y, want in zip(ours(x, kernels, a, b), plain(x, kernels, a, b)):
+    assert y.shape == want.shape and rel_err(y, want) < 1e-6
+  cts = tuple(jnp.asarray(rng.standard_normal((10, n)), jnp.float32) for n in widths)
+  loss = lambda f: lambda *args: sum(jnp.sum(y * ct) for y, ct in zip(f(*args), cts))
+  g_ours = jax.grad(loss(ours), argnums=(0, 1, 2, 3))(x, kernels, a, b)
+  g_plain = jax.grad(loss(plain), argnums=(0, 1, 2, 3))(x, kernels, a, b)
+  for got, want in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_plain)):
+    assert rel_err(got, want) < 1e-6
+  if dropout:  # Each layer's own mask: the same adapter under the three seeds gives three different outputs.
+    same = lambda s: lora._lora_matmuls(x, kernels[:1] * 3, a[:1] * 3, b[:1] * 3, scale[:1] * 3, rate, s, True)
+    y0, y1, y2 = same(seed)
+    assert rel_err(y0, y1) > 1e-3 and rel_err(y1, y2) > 1e-3
+
+
+def test_self_attention_takes_the_shared_adapter_path(rng, monkeypatch):
+  """attention.Attention runs self-attention's adapted to_q/k/v as one `adapted_matmuls` call, with the same output
+  and LoRA gradients as the layer-by-layer path (no dropout: the two paths draw their masks differently)."""
+  from idmp_jax.models import attention
+  module = attention.Attention(heads=2, dim_head=4, implementation="xla")
+  x = jnp.asarray(rng.standard_normal((2, 6, 8)), jnp.float32)
+  params = lora.init_lora(module.init(jax.random.key(0), x)["params"], jax.random.key(1), rank=2, alpha=3)
+  params = randomize_b(params)
+  trainable, frozen = lora.split(params)
+  calls = []
+  shared = lora.adapted_matmuls
+  monkeypatch.setattr(lora, "adapted_matmuls", lambda *a, **k: calls.append(a[1]) or shared(*a, **k))
+  ct = jnp.asarray(rng.standard_normal((2, 6, 8)), jnp.float32)
+  run = lambda t: jnp.sum(module.apply({"params": lora.merge(t, frozen)}, x) * ct)
+  value, grads = jax.value_and_grad(run)(trainable)
+  assert calls == [("to_q", "to_k", "to_v")]
+  monkeypatch.setattr(lora, "shares_input", lambda *a: False)
+  ref_value, ref_grads = jax.value_and_grad(run)(trainable)
+  assert calls == [("to_q", "to_k", "to_v")]  # The layer-by-layer path this time.
+  assert abs(float(value - ref_value)) <= 1e-5 * abs(float(ref_value))
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    assert rel_err(got, want) < 1e-5
+  # Cross-attention (a context) keeps the layer-by-layer path.
+  module.apply({"params": params}, x, context=jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32))
+  assert len(calls) == 1
+
+
 def _torch_inputs(x, t, ctx):
   return torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t), torch.from_numpy(ctx)
 

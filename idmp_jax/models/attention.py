@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from idmp_jax.models import quantize
+from idmp_jax.models import lora, quantize
 from idmp_jax.models.layers import Linear, resize_nearest_torch
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn")
@@ -197,9 +197,12 @@ class Attention(nn.Module):
     context = x if context is None else context
     inner = self.heads * self.dim_head
     b = x.shape[0]
-    q = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
-    k = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(context)
-    v = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(context)
+    if context is x and lora.shares_input(self, ("to_q", "to_k", "to_v")):
+      q, k, v = lora.adapted_matmuls(self, ("to_q", "to_k", "to_v"), x)  # Self-attention: adapters on one x.
+    else:
+      q = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
+      k = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(context)
+      v = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(context)
     q = q.reshape(b, -1, self.heads, self.dim_head)
     k = k.reshape(b, -1, self.heads, self.dim_head)
     v = v.reshape(b, -1, self.heads, self.dim_head)

@@ -91,16 +91,18 @@ def init_lora(params, rng, rank: int, alpha: float, targets: Sequence[str] = DEF
   return traverse_util.unflatten_dict(out)
 
 
-def _adapter(module):
+def _adapter(module, params=None):
   """(a, b, scale, rate, seed, dropout) of a Linear's adapter: A and B in the module's compute dtype (fp32
   adapter weights are cast like the frozen kernel, as autocast does), fp32 scale and dropout rate, the mask's
-  seed, and whether dropout is on (a dropout rng was passed)."""
-  a = module.get_variable("params", "lora_a").astype(module.dtype)
-  b = module.get_variable("params", "lora_b").astype(module.dtype)
-  scale = module.get_variable("params", "lora_scale").astype(jnp.float32)
+  seed, and whether dropout is on (a dropout rng was passed). params: the Linear's own leaves when `module` is
+  its parent (`adapted_matmuls`); the module's own otherwise."""
+  get = (lambda name: params[name]) if params is not None else (lambda name: module.get_variable("params", name))
+  a = get("lora_a").astype(module.dtype)
+  b = get("lora_b").astype(module.dtype)
+  scale = get("lora_scale").astype(jnp.float32)
   dropout = module.has_rng(DROPOUT_RNG)
   if dropout:
-    rate = module.get_variable("params", "lora_dropout").astype(jnp.float32)
+    rate = get("lora_dropout").astype(jnp.float32)
     seed = _seed(module.make_rng(DROPOUT_RNG))
   else:
     rate, seed = jnp.zeros((), jnp.float32), jnp.zeros((2,), jnp.uint32)
@@ -112,9 +114,33 @@ def adapted_matmul(module, x, kernel):
   compute dtype."""
   a, b, scale, rate, seed, dropout = _adapter(module)
   lead = x.shape[:-1]
-  y = _lora_matmul(x.reshape(-1, x.shape[-1]).astype(module.dtype), kernel.astype(module.dtype), a, b, scale,
-                   rate, seed, dropout)
+  (y,) = _lora_matmuls(x.reshape(-1, x.shape[-1]).astype(module.dtype), (kernel.astype(module.dtype),), (a,), (b,),
+                       (scale,), (rate,), (seed,), dropout)
   return y.reshape(*lead, y.shape[-1])
+
+
+def shares_input(module, names: Sequence[str]) -> bool:
+  """Whether `module`'s child Linears `names` can run as one `adapted_matmuls` call: their params exist (not
+  initialising) and each holds an adapter on a float kernel, without bias."""
+  if module.is_initializing():
+    return False
+  params = module.variables.get("params", {})
+  return all(name in params and "lora_a" in params[name] and "bias" not in params[name]
+             and quantize.SCALE not in params[name] and np.ndim(params[name]["kernel"]) == 2 for name in names)
+
+
+def adapted_matmuls(module, names: Sequence[str], x) -> tuple:
+  """`adapted_matmul` of each of `module`'s child Linears `names` (see `shares_input`) on the same x, the adapters'
+  products sharing one [x | h_1 | ... | h_n] operand: x is read for one concatenation instead of one per layer
+  (self-attention's to_q, to_k and to_v), and the backward keeps that one array. Each adapter draws its own
+  dropout mask, as peft's per-layer Dropout modules do. Returns the outputs in `names` order."""
+  params = module.variables["params"]
+  adapters = [_adapter(module, params[name]) for name in names]
+  kernels = tuple(params[name]["kernel"].astype(module.dtype) for name in names)
+  a, b, scale, rate, seed, dropout = zip(*adapters)
+  lead = x.shape[:-1]
+  ys = _lora_matmuls(x.reshape(-1, x.shape[-1]).astype(module.dtype), kernels, a, b, scale, rate, seed, dropout[0])
+  return tuple(y.reshape(*lead, y.shape[-1]) for y in ys)
 
 
 # Why a custom VJP, and the adapter's product folded into the base matmul's contraction ([x | h] @ [W; B], h =
@@ -122,38 +148,56 @@ def adapted_matmul(module, x, kernel):
 # once more per adapted layer), writes B h at full width and adds it to W x in a separate pass, and does the same
 # again in the backward. On the SD-2 UNet's b32 LoRA step those passes were 21 ms of 167 (H200 profile,
 # BENCHMARKS.md). Here the forward writes [x | h] once and the base GEMM reads it; the backward takes [dx | dh] from
-# one GEMM, and recomputes the dropout mask (a hash of the element index) instead of storing it.
+# one GEMM, and recomputes the dropout mask (a hash of the element index) instead of storing it. Several layers
+# on the same x (`adapted_matmuls`) share the operand: [x | h_1 | ... | h_n] @ [W_i; 0; B_i; 0] for layer i.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _lora_matmul(x, kernel, a, b, scale, rate, seed, dropout: bool):
-  return _lora_matmul_fwd(x, kernel, a, b, scale, rate, seed, dropout)[0]
+def _lora_matmuls(x, kernels, a, b, scale, rate, seed, dropout: bool):
+  return _lora_matmuls_fwd(x, kernels, a, b, scale, rate, seed, dropout)[0]
 
 
-def _lora_matmul_fwd(x, kernel, a, b, scale, rate, seed, dropout):
-  xd = _apply_dropout(x, rate, seed) if dropout else x
-  h = jnp.dot(xd, a) * scale.astype(x.dtype)
-  xh = jnp.concatenate([x, h], axis=1)
-  y = jnp.dot(xh, jnp.concatenate([kernel, b], axis=0))
-  return y, (xh, kernel, a, b, scale, rate, seed)
+def _extended_kernel(kernels, b, i):
+  """[W_i; 0; ...; B_i; ...; 0]: layer i's kernel over the shared operand [x | h_1 | ... | h_n]."""
+  n_out = kernels[i].shape[1]
+  rows = [b[j] if j == i else jnp.zeros((b[j].shape[0], n_out), b[j].dtype) for j in range(len(b))]
+  return jnp.concatenate([kernels[i], *rows], axis=0)
 
 
-def _lora_matmul_bwd(dropout, res, dy):
-  xh, kernel, a, b, scale, rate, seed = res
-  k = kernel.shape[0]
-  x, h = xh[:, :k], xh[:, k:]
-  dxh = jnp.dot(dy, jnp.concatenate([kernel, b], axis=0).T)
-  dh = dxh[:, k:] * scale.astype(dy.dtype)
-  db = jnp.dot(h.T, dy, preferred_element_type=jnp.float32).astype(b.dtype)
-  xd = _apply_dropout(x, rate, seed) if dropout else x
-  da = jnp.dot(xd.T, dh, preferred_element_type=jnp.float32).astype(a.dtype)
-  dxd = jnp.dot(dh, a.T)
-  if dropout:
-    dxd = _apply_dropout(dxd, rate, seed)  # The same mask and rescaling: dropout is linear in its input.
-  dx = dxh[:, :k] + dxd
-  dkernel = jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(kernel.dtype)  # Dead code when frozen.
-  return dx, dkernel, da, db, jnp.zeros_like(scale), jnp.zeros_like(rate), np.zeros(seed.shape, jax.dtypes.float0)
+def _lora_matmuls_fwd(x, kernels, a, b, scale, rate, seed, dropout):
+  hs = [jnp.dot(_apply_dropout(x, rate[i], seed[i]) if dropout else x, a[i]) * scale[i].astype(x.dtype)
+        for i in range(len(kernels))]
+  xh = jnp.concatenate([x, *hs], axis=1)
+  ys = tuple(jnp.dot(xh, _extended_kernel(kernels, b, i)) for i in range(len(kernels)))
+  return ys, (xh, kernels, a, b, scale, rate, seed)
 
 
-_lora_matmul.defvjp(_lora_matmul_fwd, _lora_matmul_bwd)
+def _lora_matmuls_bwd(dropout, res, dys):
+  xh, kernels, a, b, scale, rate, seed = res
+  k = kernels[0].shape[0]
+  x = xh[:, :k]
+  dx, grads, offset = None, [], k
+  for i, dy in enumerate(dys):
+    r = a[i].shape[1]
+    dxh = jnp.dot(dy, jnp.concatenate([kernels[i], b[i]], axis=0).T)  # [dx_i | dh_i] from one GEMM.
+    h = xh[:, offset:offset + r]
+    dh = dxh[:, k:] * scale[i].astype(dy.dtype)
+    db = jnp.dot(h.T, dy, preferred_element_type=jnp.float32).astype(b[i].dtype)
+    xd = _apply_dropout(x, rate[i], seed[i]) if dropout else x
+    da = jnp.dot(xd.T, dh, preferred_element_type=jnp.float32).astype(a[i].dtype)
+    dxd = jnp.dot(dh, a[i].T)
+    if dropout:
+      dxd = _apply_dropout(dxd, rate[i], seed[i])  # The same mask and rescaling: dropout is linear in its input.
+    dx_i = dxh[:, :k] + dxd
+    dx = dx_i if dx is None else dx + dx_i
+    dkernel = jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(kernels[i].dtype)  # Dead when frozen.
+    grads.append((dkernel, da, db))
+    offset += r
+  dkernels, da, db = (tuple(g) for g in zip(*grads))
+  zeros = lambda t: tuple(jnp.zeros_like(v) for v in t)
+  return (dx, dkernels, da, db, zeros(scale), zeros(rate),
+          tuple(np.zeros(s.shape, jax.dtypes.float0) for s in seed))
+
+
+_lora_matmuls.defvjp(_lora_matmuls_fwd, _lora_matmuls_bwd)
 
 
 def _lowbias32(h):
