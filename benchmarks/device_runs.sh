@@ -15,6 +15,8 @@
 #   bash benchmarks/device_runs.sh flags 'FLAGS1' 'FLAGS2' ...  # on the GPU machine (carry .whl): probe + b32 step per set
 #   bash benchmarks/device_runs.sh profile     # on the GPU machine (carry .whl): b32 step profiled by model source;
 #       the UNet's attention calls alone
+#   bash benchmarks/device_runs.sh attention   # on the GPU machine (carry .whl): the UNet's attention calls on cuDNN,
+#       the Pallas few-key kernel (tilings) and Mosaic GPU flash attention; the b32 step, auto vs cuDNN only
 #   bash benchmarks/device_runs.sh ab BASE [nocb]  # on the GPU machine (carry .whl, BASE): the b32 step of this tree
 #       and of BASE (git archive REV idmp_jax benchmarks configs), back to back; nocb: then this tree's step
 #       profiled without CUDA graphs (each kernel named by its HLO op) and summed by model source
@@ -107,6 +109,15 @@ case "$step" in
       --profile /tmp/step_profile
     gzip -c /tmp/step_profile/unet/b32/step.hlo.txt > "${OUT:-/tmp}/step.hlo.txt.gz"
     cp "$(find /tmp/step_profile -name perfetto_trace.json.gz | head -1)" "${OUT:-/tmp}/" ;;
+  attention)  # ~9 min
+    wheels || exit 1
+    export XLA_FLAGS=--xla_gpu_autotune_level=2
+    boxed 150 attention_probe python3 -X faulthandler benchmarks/attention_probe.py --iters 10 \
+      --pallas-configs 64,0,4,2,64,0,8,2 128,0,8,2,128,0,8,2 64,0,4,2,64,1,8,2
+    boxed 100 attention_mgpu_probe python3 -X faulthandler benchmarks/attention_mgpu_probe.py
+    boxed 170 train_step_auto python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
+    boxed 170 train_step_cudnn python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
+      --attention cudnn ;;
   ab)  # ~3 min per step: an A/B of the b32 LoRA step against BASE's tree
     base="${2:?ab needs the BASE folder}"
     wheels || exit 1

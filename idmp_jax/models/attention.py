@@ -1,7 +1,8 @@
 """Attention for the whole project, and regional cross-attention (RCA).
 
-`dot_product_attention` is the one function every model calls; it dispatches to cuDNN's fused kernel on GPU
-(half precision) and to XLA elsewhere. `Attention` is diffusers' `Attention` (to_q/to_k/to_v/to_out.0) with an
+`dot_product_attention` is the one function every model calls; on GPU (half precision) it dispatches attention
+over few keys (the UNet's cross-attention over 77 text tokens) to a Pallas kernel (`pallas_cross_attention`),
+the rest to cuDNN's fused kernel, and everything to XLA elsewhere. `Attention` is diffusers' `Attention` (to_q/to_k/to_v/to_out.0) with an
 optional boolean mask, which is how RCA enters: `rca_mask` turns the per-example region masks and the region
 index of each text token into a (batch, 1, h*w, tokens) boolean mask shared by all heads. Nothing per-head and
 nothing float is materialised for RCA.
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from idmp_jax.models import lora, quantize
 from idmp_jax.models.layers import Linear, resize_nearest_torch
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,13 +39,22 @@ def triton_gpu() -> bool:
     return False
 
 
-def resolve_implementation(implementation: str, dtype, head_dim: int) -> str:
-  """'auto' -> 'cudnn' on GPU for fp16/bf16 with a head size cuDNN takes, else 'xla'."""
+def resolve_implementation(implementation: str, dtype, head_dim: int, q_shape=None, k_shape=None) -> str:
+  """'auto' -> 'pallas' on a Triton GPU for fp16/bf16 attention over few keys that
+  `pallas_cross_attention.supported` takes (given the shapes: the UNet's cross-attention over 77 text tokens),
+  else 'cudnn' on GPU for fp16/bf16 with a head size cuDNN takes, else 'xla'. 'pallas' asked for explicitly runs the
+  Pallas kernel where it is supported (interpreted off GPU) and resolves as 'auto' elsewhere. Without shapes (a
+  causal call, or a mask that differs per head) there is no Pallas choice."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r}: expected one of {IMPLEMENTATIONS}")
-  if implementation != "auto":
-    return implementation
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if implementation in ("auto", "pallas") and q_shape is not None and k_shape is not None:
+    from idmp_jax.models import pallas_cross_attention  # Local import: Pallas only where it is used.
+    if pallas_cross_attention.supported(q_shape, k_shape) and (
+        implementation == "pallas" or (triton_gpu() and half)):
+      return "pallas"
+  if implementation not in ("auto", "pallas"):
+    return implementation
   if _backend() == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128:
     return "cudnn"
   return "xla"
@@ -58,8 +68,13 @@ def dot_product_attention(q, k, v, *, mask=None, scale: Optional[float] = None, 
   Logits and softmax are in fp32 on the XLA path (the reference computes them in its compute dtype; fp32 is the
   parity target and costs little here).
   """
-  impl = resolve_implementation(implementation, q.dtype, q.shape[-1])
+  shared_mask = mask is None or (mask.dtype == jnp.bool_ and mask.ndim == 4 and mask.shape[1] == 1)
+  impl = resolve_implementation(implementation, q.dtype, q.shape[-1],
+                                q.shape if shared_mask and not is_causal else None, k.shape)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if impl == "pallas":
+    from idmp_jax.models import pallas_cross_attention
+    return pallas_cross_attention.cross_attention(q, k, v, mask, scale=scale, interpret=not triton_gpu())
   if impl == "cudnn":
     t = q.shape[1]
     if mask is not None and (t % 2 or k.shape[1] % 2):
