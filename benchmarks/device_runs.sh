@@ -17,6 +17,8 @@
 #       the UNet's attention calls alone
 #   bash benchmarks/device_runs.sh attention   # on the GPU machine (carry .whl): the UNet's attention calls on cuDNN,
 #       the Pallas few-key kernel (tilings) and Mosaic GPU flash attention; the b32 step, auto vs cuDNN only
+#   bash benchmarks/device_runs.sh final       # on the GPU machine (carry .whl): the b32 step, then its profile
+#       without CUDA graphs summed by model source
 #   bash benchmarks/device_runs.sh ab BASE [nocb]  # on the GPU machine (carry .whl, BASE): the b32 step of this tree
 #       and of BASE (git archive REV idmp_jax benchmarks configs), back to back; nocb: then this tree's step
 #       profiled without CUDA graphs (each kernel named by its HLO op) and summed by model source
@@ -118,6 +120,14 @@ case "$step" in
     boxed 170 train_step_auto python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
     boxed 170 train_step_cudnn python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
       --attention cudnn ;;
+  final)  # ~5 min
+    wheels || exit 1
+    export XLA_FLAGS=--xla_gpu_autotune_level=2
+    boxed 150 train_step python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
+    XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_command_buffer=" boxed 170 train_step_nocb_profile python3 \
+      -X faulthandler benchmarks/train_step.py --kind unet --batch 32 --steps 3 --profile /tmp/step_profile
+    gzip -c /tmp/step_profile/unet/b32/step.hlo.txt > "${OUT:-/tmp}/step.hlo.txt.gz"
+    cp "$(find /tmp/step_profile -name perfetto_trace.json.gz | head -1)" "${OUT:-/tmp}/" ;;
   ab)  # ~3 min per step: an A/B of the b32 LoRA step against BASE's tree
     base="${2:?ab needs the BASE folder}"
     wheels || exit 1

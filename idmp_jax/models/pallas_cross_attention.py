@@ -33,8 +33,10 @@ from jax.experimental.pallas import triton as plgpu
 # (fwd block_t, fwd splits, fwd num_warps, fwd num_stages, bwd block_t, bwd splits, bwd num_warps, bwd num_stages).
 # block_t: queries per tile (a power of two >= 16; lowered to the largest power of two dividing T). splits: query
 # spans per (batch, head), each one program looping over its tiles; 0 = enough for FORWARD_PROGRAMS /
-# BACKWARD_PROGRAMS programs. Not yet measured: benchmarks/attention_probe.py sweeps it (--pallas-configs).
-DEFAULT_CONFIG = (64, 0, 4, 2, 64, 0, 8, 2)
+# BACKWARD_PROGRAMS programs. Measured on an H200 at b32 (benchmarks/attention_probe.py, BENCHMARKS.md), RCA mask,
+# 64x64 latents: forward 64-query tiles 124-151 us against 181 for 128 (cuDNN 293); forward + backward with
+# 128-query backward tiles 557 us against 811 for 64 (cuDNN 883); at 32x32, 321 against 429 (cuDNN 433).
+DEFAULT_CONFIG = (64, 0, 4, 2, 128, 0, 8, 2)
 FORWARD_PROGRAMS = 1024  # Enough to fill an H200 (132 SMs) several times; k/v are read once per program.
 BACKWARD_PROGRAMS = 256  # Fewer: each split writes its own fp32 dK/dV partial, read back by XLA's sum.
 MAX_KEYS = 128
