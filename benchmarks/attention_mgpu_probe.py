@@ -3,7 +3,8 @@
 takes ~33 ms of the LoRA step (issue 5). Per tiling: forward and forward + backward time, TFLOP/s, and the
 output's and gradients' error against cuDNN's (so a fast wrong kernel shows).
 
-  python benchmarks/attention_mgpu_probe.py        # on a Hopper GPU
+  python benchmarks/attention_mgpu_probe.py                    # on a Hopper GPU
+  python benchmarks/attention_mgpu_probe.py --dtype float16    # JAX 0.11.2's kernel refuses bf16 (f16 buffers)
 
 FLOPs: forward 4·B·N·T²·H, backward 2.5x that. Each timed call is a jit over --buffers distinct inputs.
 """
@@ -63,12 +64,13 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--buffers", type=int, default=3)
   p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
   args = p.parse_args(argv)
   rng = np.random.default_rng(0)
   b = args.batch
   print(f"{'impl':44s} {'fwd us':>8s} {'f+b us':>8s} {'fwd TF/s':>8s} {'f+b TF/s':>8s} {'err o':>8s} {'err dq':>8s}")
   for t, n in SHAPES:
-    make = lambda: jnp.asarray(rng.standard_normal((b, t, n, 64)), jnp.bfloat16)
+    make = lambda: jnp.asarray(rng.standard_normal((b, t, n, 64)), args.dtype)
     inputs = [(make(), make(), make()) for _ in range(args.buffers)]
     cot = make()
     flops = 4 * b * n * t * t * 64
