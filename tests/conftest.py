@@ -26,3 +26,25 @@ def rel_err(a, b) -> float:
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def pallas_calls(fn, *args) -> list[tuple[str, list[tuple]]]:
+  """(kernel name, its operands' shapes) of every Pallas call that tracing fn(*args) makes, in jaxpr order, nested
+  jaxprs (jit, custom VJP, scan, ...) included."""
+  import jax.extend as jex
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        found.append((eqn.params["name"], [tuple(x.aval.shape) for x in eqn.invars]))
+        continue
+      for p in eqn.params.values():
+        for sub in p if isinstance(p, (tuple, list)) else (p,):
+          if isinstance(sub, jex.core.ClosedJaxpr):
+            walk(sub.jaxpr)
+          elif isinstance(sub, jex.core.Jaxpr):
+            walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found

@@ -1,13 +1,14 @@
 """The int8-cache decode attention kernel (idmp_jax/models/pallas_attention.py), interpreted on the CPU: it equals
 XLA's int8 decode attention, through `attention.decode_attention_int8`'s dispatch and inside a Llama decode."""
+import collections
+
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from idmp_jax.models import attention, llama, pallas_attention, quantize
-from tests.conftest import rel_err
+from tests.conftest import pallas_calls, rel_err
 
 
 def _cache(r, b, nk, s, h):
@@ -89,23 +90,8 @@ def test_dispatch():
 
 
 def _kernel_calls(fn, *args) -> dict:
-  """How many times each Pallas kernel runs in fn, by walking its jaxpr (nested calls included)."""
-  counts = {}
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        counts[eqn.params["name"]] = counts.get(eqn.params["name"], 0) + 1
-        continue
-      for p in eqn.params.values():
-        for sub in p if isinstance(p, (tuple, list)) else (p,):
-          if isinstance(sub, jex.core.ClosedJaxpr):
-            walk(sub.jaxpr)
-          elif isinstance(sub, jex.core.Jaxpr):
-            walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return counts
+  """How many times each Pallas kernel runs in fn."""
+  return dict(collections.Counter(name for name, _ in pallas_calls(fn, *args)))
 
 
 def test_llama_decode_through_the_kernel_equals_xla(monkeypatch):

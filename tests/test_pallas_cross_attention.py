@@ -3,13 +3,12 @@ forward and gradients equal XLA's attention (`attention.dot_product_attention(..
 RCA-style masks (per example, shared by the batch, none, rows with no key allowed), key counts that are not powers
 of two, several heads and query spans; bad inputs are refused."""
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from idmp_jax.models import attention, pallas_cross_attention as pca
-from tests.conftest import rel_err
+from tests.conftest import pallas_calls, rel_err
 
 SMALL = (16, 2, 4, 2, 16, 2, 4, 2)  # 16-query tiles, two spans per (batch, head): loops, splits and partials run.
 
@@ -119,31 +118,12 @@ def test_supported_and_refusals():
     run(q, k, v, mask, config=(24, 0, 4, 2, 64, 0, 4, 2))
 
 
-def _pallas_operand_shapes(fn, *args) -> dict:
-  """{kernel name: its operands' shapes}, from fn's jaxpr (nested calls included)."""
-  found = {}
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "pallas_call":
-        found[eqn.params["name"]] = [tuple(x.aval.shape) for x in eqn.invars]
-      for p in eqn.params.values():
-        for sub in p if isinstance(p, (tuple, list)) else (p,):
-          if isinstance(sub, jex.core.ClosedJaxpr):
-            walk(sub.jaxpr)
-          elif isinstance(sub, jex.core.Jaxpr):
-            walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
-
-
 def test_batch_shared_mask_read_in_place():
   """A mask shared by the batch goes to the kernels as (1, T, S), not broadcast, and every program reads batch 0
   of it (on the GPU a block index past it would read out of bounds; the interpreter clamps, so check the map)."""
   q, k, v, mask = _inputs(8, 3, 32, 77, 2, 16, mask_batch=1)
   fwd_bwd = lambda q, k, v: jax.vjp(lambda q, k, v: _pallas()(q, k, v, mask), q, k, v)[1](q)
-  shapes = _pallas_operand_shapes(fwd_bwd, q, k, v)
+  shapes = dict(pallas_calls(fwd_bwd, q, k, v))
   assert shapes["cross_attention_forward"][-1] == (1, 32, 77)
   assert shapes["cross_attention_backward"][-1] == (1, 32, 77)
   _, _, m_spec = pca._specs(q, k, mask.reshape(1, 32, 77), 16)
