@@ -111,10 +111,10 @@ case "$step" in
       --profile /tmp/step_profile
     gzip -c /tmp/step_profile/unet/b32/step.hlo.txt > "${OUT:-/tmp}/step.hlo.txt.gz"
     cp "$(find /tmp/step_profile -name perfetto_trace.json.gz | head -1)" "${OUT:-/tmp}/" ;;
-  attention)  # ~9 min
+  attention)  # ~10 min (the probe ran past 150 s with three Pallas tilings on 2026-12-02)
     wheels || exit 1
     export XLA_FLAGS=--xla_gpu_autotune_level=2
-    boxed 150 attention_probe python3 -X faulthandler benchmarks/attention_probe.py --iters 10 \
+    boxed 240 attention_probe python3 -X faulthandler benchmarks/attention_probe.py --iters 10 \
       --pallas-configs 64,0,4,2,64,0,8,2 128,0,8,2,128,0,8,2 64,0,4,2,64,1,8,2
     boxed 100 attention_mgpu_probe python3 -X faulthandler benchmarks/attention_mgpu_probe.py
     boxed 170 train_step_auto python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
