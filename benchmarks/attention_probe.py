@@ -90,6 +90,8 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--buffers", type=int, default=4)
   p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--only", choices=["all", "cross"], default="all",
+                 help="cross: only the few-key calls (the cross-attention with and without its mask; no self rows)")
   p.add_argument("--pallas-configs", type=config_tuple, nargs="*", default=list(PALLAS_CONFIGS),
                  help="Pallas cross-attention configs to time, each as comma-separated ints (none: no Pallas rows)")
   args = p.parse_args(argv)
@@ -107,7 +109,8 @@ def main(argv=None):
       print(f"{label:28s} {layout:6s} failed: {type(e).__name__}: {str(e)[:150]}  {kernel}", flush=True)
 
   for t, n in levels:
-    for name, s, masked in (("self", t, False), ("cross 78, RCA mask", 78, True), ("cross 78, no mask", 78, False)):
+    calls = (("self", t, False), ("cross 78, RCA mask", 78, True), ("cross 78, no mask", 78, False))
+    for name, s, masked in calls[1:] if args.only == "cross" else calls:
       label = name + f" T={t} N={n}"
       for layout in ("BTNH",) if args.small else ("BTNH", "BNTH"):  # jax.nn's XLA path is BTNH only.
         if masked and layout == "BNTH":

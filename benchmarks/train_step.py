@@ -142,11 +142,20 @@ def batch_for(kind, b, res, ucfg, dtype, rng):
               token_region=tr, region_masks=rm)
 
 
-def measure(step, state, frozen, batch, steps: int, b: int, profile_dir: str = ""):
-  lowered = step.lower(state, frozen, batch)
+def measure(step, state, frozen, batch, steps: int, b: int, profile_dir: str = "", frozen_layout: str = "default"):
+  if frozen_layout == "auto":  # XLA picks the frozen weights' layouts; they are put in them once, before timing.
+    lowered = step.lower(state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen), batch)
+  else:
+    lowered = step.lower(state, frozen, batch)
   t0 = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  if frozen_layout == "auto":
+    formats = compiled.input_formats[0][1]
+    changed = sum(f.layout is not None and f.layout.major_to_minor != tuple(range(x.ndim)) for f, x in zip(jax.tree.leaves(formats),
+                                                                                  jax.tree.leaves(frozen)))
+    print(f"frozen layouts: {changed} of {len(jax.tree.leaves(frozen))} arrays not row-major", flush=True)
+    frozen = jax.device_put(frozen, formats)
   estimate = executable_gib(compiled)
   for _ in range(3):
     state, out = compiled(state, frozen, batch)
@@ -203,6 +212,9 @@ def main():
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--attention", default="auto")
   ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--frozen-layout", choices=["default", "auto"], default="default",
+                  help="auto: the step compiled with the frozen weights' layouts left to XLA (Layout.AUTO), and the "
+                  "weights put in them once (no per-step transposes of conv kernels to cuDNN's layout)")
   ap.add_argument("--profile", default="", help="after timing, profile 3 steps into this folder and sum the "
                   "device kernels by kind (benchmarks/profile_summary.py)")
   args = ap.parse_args()
@@ -214,8 +226,13 @@ def main():
   n_lora = lora.count(trainable)
   from configs import rca  # The job's own optimizer settings.
   tx, schedule = optim.make_optimizer(rca.get_config().optimizer, 2884)
-  steps = {"unet": jax.jit(unet_only_step(models, tx, schedule), donate_argnums=0),
-           "full": jax.jit(diffusion.make_train_step(models, tx, schedule), donate_argnums=0)}
+  frozen_formats = None
+  if args.frozen_layout == "auto":
+    from jax.experimental.layout import Format, Layout
+    frozen_formats = (None, jax.tree.map(lambda _: Format(Layout.AUTO), frozen), None)
+  jit = lambda fn: jax.jit(fn, donate_argnums=0, in_shardings=frozen_formats) if frozen_formats else jax.jit(
+      fn, donate_argnums=0)
+  steps = {"unet": jit(unet_only_step(models, tx, schedule)), "full": jit(diffusion.make_train_step(models, tx, schedule))}
   rng = np.random.default_rng(0)
   rows = []
   for kind in kinds:
@@ -224,7 +241,7 @@ def main():
       batch = jax.device_put(batch_for(kind, b, res, ucfg, dtype, rng))
       try:
         row, state = measure(steps[kind], state, frozen, batch, args.steps, b,
-                             os.path.join(args.profile, kind) if args.profile else "")
+                             os.path.join(args.profile, kind) if args.profile else "", args.frozen_layout)
       except Exception as e:  # e.g. out of memory: report and go on
         row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
       row = dict(kind=kind, batch=b, res=res, rca=True, dtype=str(dtype), remat=args.remat,

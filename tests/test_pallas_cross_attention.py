@@ -119,13 +119,14 @@ def test_supported_and_refusals():
 
 
 def test_batch_shared_mask_read_in_place():
-  """A mask shared by the batch goes to the kernels as (1, T, S), not broadcast, and every program reads batch 0
-  of it (on the GPU a block index past it would read out of bounds; the interpreter clamps, so check the map)."""
+  """A mask shared by the batch goes to the kernels as (1, T, SP) (padded to the key tiles' 80 columns), not
+  broadcast, and every program reads batch 0 of it (on the GPU a block index past it would read out of bounds; the
+  interpreter clamps, so check the map)."""
   q, k, v, mask = _inputs(8, 3, 32, 77, 2, 16, mask_batch=1)
   fwd_bwd = lambda q, k, v: jax.vjp(lambda q, k, v: _pallas()(q, k, v, mask), q, k, v)[1](q)
   shapes = dict(pallas_calls(fwd_bwd, q, k, v))
-  assert shapes["cross_attention_forward"][-1] == (1, 32, 77)
-  assert shapes["cross_attention_backward"][-1] == (1, 32, 77)
+  assert shapes["cross_attention_forward"][-1] == (1, 32, 80)
+  assert shapes["cross_attention_backward"][-1] == (1, 32, 80)
   _, _, m_spec = pca._specs(q, k, mask.reshape(1, 32, 77), 16)
   assert m_spec.index_map(1, 1, 2) == (0, 1, 0)
   _, _, m_spec = pca._specs(q, k, jnp.ones((3, 32, 77), bool), 16)
