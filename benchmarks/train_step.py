@@ -212,6 +212,8 @@ def main():
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--attention", default="auto")
   ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--lora-kernels", choices=["auto", "xla"], default="auto",
+                  help="lora.KERNELS: auto = the adapters' input side as pallas_lora's kernels on the GPU; xla = XLA's")
   ap.add_argument("--frozen-layout", choices=["default", "auto"], default="default",
                   help="auto: the step compiled with the frozen weights' layouts left to XLA (Layout.AUTO), and the "
                   "weights put in them once (no per-step transposes of conv kernels to cuDNN's layout)")
@@ -219,6 +221,7 @@ def main():
                   "device kernels by kind (benchmarks/profile_summary.py)")
   args = ap.parse_args()
   dtype = jnp.dtype(args.dtype)
+  lora.KERNELS = args.lora_kernels
   res = 64 if args.small else 512
   batches = args.batch or ([2] if args.small else [16, 32])
   kinds = ["unet", "full"] if args.kind == "both" else [args.kind]
@@ -245,7 +248,8 @@ def main():
       except Exception as e:  # e.g. out of memory: report and go on
         row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
       row = dict(kind=kind, batch=b, res=res, rca=True, dtype=str(dtype), remat=args.remat,
-                 attention=args.attention, lora_params=n_lora, device=jax.devices()[0].device_kind, **row)
+                 attention=args.attention, lora_kernels=args.lora_kernels, frozen_layout=args.frozen_layout,
+                 lora_params=n_lora, device=jax.devices()[0].device_kind, **row)
       print(json.dumps(row), flush=True)
       rows.append(row)
       del state, batch

@@ -155,6 +155,26 @@ def _lora_matmuls(x, kernels, a, b, scale, rate, seed, dropout: bool):
   return _lora_matmuls_fwd(x, kernels, a, b, scale, rate, seed, dropout)[0]
 
 
+# Where the adapters' input side (the [x | h...] operand forward, dA backward) runs, with dropout on: "auto" =
+# `pallas_lora`'s kernels on a Triton GPU for the shapes they take, XLA elsewhere; "xla" = always XLA; "interpret" =
+# the kernels interpreted wherever they take the shapes (the tests, on the CPU). Read when a step is traced.
+KERNELS = "auto"
+
+
+def _use_kernels(x_shape, a, dropout: bool) -> bool:
+  if not dropout or KERNELS == "xla":
+    return False
+  if KERNELS not in ("auto", "interpret"):
+    raise ValueError(f"lora.KERNELS = {KERNELS!r}: expected 'auto', 'xla' or 'interpret'")
+  from idmp_jax.models import attention, pallas_lora  # Local: Pallas only where it is used.
+  shapes = {tuple(v.shape) for v in a}
+  if len(shapes) != 1 or len({v.dtype for v in a}) != 1:
+    return False
+  (k, r), = shapes
+  ok = pallas_lora.supported(x_shape[0], k, r, len(a))
+  return ok and (KERNELS == "interpret" or attention.triton_gpu())
+
+
 def _extended_kernel(kernels, b, i):
   """[W_i; 0; ...; B_i; ...; 0]: layer i's kernel over the shared operand [x | h_1 | ... | h_n]."""
   n_out = kernels[i].shape[1]
@@ -163,9 +183,13 @@ def _extended_kernel(kernels, b, i):
 
 
 def _lora_matmuls_fwd(x, kernels, a, b, scale, rate, seed, dropout):
-  hs = [jnp.dot(_apply_dropout(x, rate[i], seed[i]) if dropout else x, a[i]) * scale[i].astype(x.dtype)
-        for i in range(len(kernels))]
-  xh = jnp.concatenate([x, *hs], axis=1)
+  if _use_kernels(x.shape, a, dropout):
+    from idmp_jax.models import pallas_lora
+    xh = pallas_lora.down(x, jnp.stack(a), rate, seed, scale, interpret=KERNELS == "interpret")
+  else:
+    hs = [jnp.dot(_apply_dropout(x, rate[i], seed[i]) if dropout else x, a[i]) * scale[i].astype(x.dtype)
+          for i in range(len(kernels))]
+    xh = jnp.concatenate([x, *hs], axis=1)
   ys = tuple(jnp.dot(xh, _extended_kernel(kernels, b, i)) for i in range(len(kernels)))
   return ys, (xh, kernels, a, b, scale, rate, seed)
 
@@ -174,24 +198,31 @@ def _lora_matmuls_bwd(dropout, res, dys):
   xh, kernels, a, b, scale, rate, seed = res
   k = kernels[0].shape[0]
   x = xh[:, :k]
-  dx, grads, offset = None, [], k
+  kernel_da = _use_kernels(x.shape, a, dropout)
+  dx, dkernels, da, db, dhs, offset = None, [], [], [], [], k
   for i, dy in enumerate(dys):
     r = a[i].shape[1]
     dxh = jnp.dot(dy, jnp.concatenate([kernels[i], b[i]], axis=0).T)  # [dx_i | dh_i] from one GEMM.
     h = xh[:, offset:offset + r]
     dh = dxh[:, k:] * scale[i].astype(dy.dtype)
-    db = jnp.dot(h.T, dy, preferred_element_type=jnp.float32).astype(b[i].dtype)
-    xd = _apply_dropout(x, rate[i], seed[i]) if dropout else x
-    da = jnp.dot(xd.T, dh, preferred_element_type=jnp.float32).astype(a[i].dtype)
+    dhs.append(dh)
+    db.append(jnp.dot(h.T, dy, preferred_element_type=jnp.float32).astype(b[i].dtype))
+    if not kernel_da:
+      xd = _apply_dropout(x, rate[i], seed[i]) if dropout else x
+      da.append(jnp.dot(xd.T, dh, preferred_element_type=jnp.float32).astype(a[i].dtype))
     dxd = jnp.dot(dh, a[i].T)
     if dropout:
       dxd = _apply_dropout(dxd, rate[i], seed[i])  # The same mask and rescaling: dropout is linear in its input.
     dx_i = dxh[:, :k] + dxd
     dx = dx_i if dx is None else dx + dx_i
-    dkernel = jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(kernels[i].dtype)  # Dead when frozen.
-    grads.append((dkernel, da, db))
+    # Dead when the kernel is frozen (XLA drops it).
+    dkernels.append(jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(kernels[i].dtype))
     offset += r
-  dkernels, da, db = (tuple(g) for g in zip(*grads))
+  if kernel_da:
+    from idmp_jax.models import pallas_lora
+    da = pallas_lora.down_grad(xh, jnp.stack(dhs), rate, seed, k=k, interpret=KERNELS == "interpret")
+    da = [da[i].astype(a[i].dtype) for i in range(len(a))]
+  dkernels, da, db = tuple(dkernels), tuple(da), tuple(db)
   zeros = lambda t: tuple(jnp.zeros_like(v) for v in t)
   return (dx, dkernels, da, db, zeros(scale), zeros(rate),
           tuple(np.zeros(s.shape, jax.dtypes.float0) for s in seed))
@@ -207,26 +238,56 @@ def _lowbias32(h):
   return h ^ (h >> 16)
 
 
+GOLDEN = 0x9E3779B9  # 2^32 / phi: spreads consecutive pair indices before the hash.
+
+
 def _seed(key):
   return jax.random.key_data(key).astype(jnp.uint32).reshape(-1)[jnp.array([0, -1])]
 
 
-def _apply_dropout(x, rate, seed):
-  """Inverted dropout with a counter-based mask: 16 bits per element from hash(element index, seed).
+def mixed_seed(seed):
+  """The mask's one 32-bit seed from the key's two words (s0 ^ hash(s1): keys differing in either word differ)."""
+  seed = jnp.asarray(seed).astype(jnp.uint32)
+  return seed[0] ^ _lowbias32(seed[1])
 
-  Not jax.random.bits: threefry inlined in each of the SD-2 UNet's 128 adapters made the XLA:CPU compile of the
-  train step 25 s longer (tiny model) and costs ~100 integer ops per element on the GPU; the hash is ~10, and
-  like partitionable threefry it is a pure function of the global element index, so the mask does not depend on
-  how the batch is sharded (nor on the leading axes being flattened). keep iff bits >= round(rate * 2^16),
-  rescaled by the keep probability actually used.
+
+def keep_bits(pairs, seed):
+  """(low, high) 16-bit halves of hash(pair index, mixed seed), as uint32: the bits of the two elements of each
+  pair (`_apply_dropout`)."""
+  h = _lowbias32(pairs * jnp.uint32(GOLDEN) ^ seed)
+  return h & jnp.uint32(0xFFFF), h >> 16
+
+
+def dropout_cut(rate):
+  """(cut, factor): keep an element iff its 16 bits >= cut (uint32); kept elements are scaled by factor (fp32), the
+  inverse of the keep probability actually used."""
+  cut = jnp.round(jnp.asarray(rate, jnp.float32) * 65536.0)
+  return cut.astype(jnp.uint32), 65536.0 / (65536.0 - cut)
+
+
+def _apply_dropout(x, rate, seed):
+  """Inverted dropout with a counter-based mask: 16 bits per element, one hash per two elements.
+
+  Row i of x (leading axes flattened; K = last axis, H = ceil(K / 2)) draws hash(i * H + j, seed) for j < H; its low
+  16 bits decide column j, its high 16 bits column j + H. Not jax.random.bits: threefry inlined in each of the SD-2
+  UNet's 128 adapters made the XLA:CPU compile of the train step 25 s longer (tiny model) and costs ~100 integer ops
+  per element on the GPU. One hash for two elements halves the integer work (what bounds a kernel that makes the
+  mask in registers, `pallas_lora`), and pairing column j with j + H (not j + 1) gives such a kernel both halves of
+  a tile from one hash tile, without interleaving. Like partitionable threefry the mask is a pure function of the
+  global element index: it does not depend on how the batch is sharded (nor on the leading axes being flattened).
+  keep iff bits >= round(rate * 2^16), rescaled by the keep probability actually used.
   """
-  if x.size >= 2**32:
-    raise ValueError(f"LoRA dropout on {x.size} elements: the counter-based mask needs < 2^32")
-  index = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)
-  bits = _lowbias32(_lowbias32(index * jnp.uint32(0x9E3779B9) ^ seed[0]) ^ seed[1]) >> 16
-  cut = jnp.round(rate.astype(jnp.float32) * 65536.0)
-  keep = bits.astype(jnp.float32) >= cut
-  return jnp.where(keep, x * (65536.0 / (65536.0 - cut)).astype(x.dtype), jnp.zeros((), x.dtype))
+  k = x.shape[-1]
+  half = -(-k // 2)
+  rows = x.size // max(k, 1)
+  if rows * half >= 2**32:
+    raise ValueError(f"LoRA dropout on {x.shape}: the counter-based mask needs < 2^32 element pairs")
+  pairs = (jax.lax.broadcasted_iota(jnp.uint32, (rows, half), 0) * jnp.uint32(half)
+           + jax.lax.broadcasted_iota(jnp.uint32, (rows, half), 1))
+  low, high = keep_bits(pairs, mixed_seed(seed))
+  bits = jnp.concatenate([low, high], axis=1)[:, :k].reshape(x.shape)
+  cut, factor = dropout_cut(rate)
+  return jnp.where(bits >= cut, x * factor.astype(x.dtype), jnp.zeros((), x.dtype))
 
 
 def _dropout(x, rate, key):  # By a PRNG key, as Flax hands one out.
