@@ -17,8 +17,8 @@
 #       the UNet's attention calls alone
 #   bash benchmarks/device_runs.sh attention   # on the GPU machine (carry .whl): the UNet's attention calls on cuDNN,
 #       the Pallas few-key kernel (tilings) and Mosaic GPU flash attention; the b32 step, auto vs cuDNN only
-#   bash benchmarks/device_runs.sh lora        # on the GPU machine (carry .whl): the LoRA input-side kernels against
-#       XLA, alone and in the b32 step; cross-attention backward tilings
+#   bash benchmarks/device_runs.sh lora        # on the GPU machine (carry .whl): the b32 step with the LoRA
+#       input-side kernels, with XLA's path, with Layout.AUTO frozen weights; the kernels alone against XLA
 #   bash benchmarks/device_runs.sh layouts     # on the GPU machine (carry .whl): the b32 step with the frozen
 #       weights in XLA's layouts (Layout.AUTO) and in the default ones
 #   bash benchmarks/device_runs.sh final       # on the GPU machine (carry .whl): the b32 step, then its profile
@@ -124,16 +124,16 @@ case "$step" in
     boxed 170 train_step_auto python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
     boxed 170 train_step_cudnn python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
       --attention cudnn ;;
-  lora)  # ~9.5 min: the adapters' input side, XLA against pallas_lora's kernels, alone and in the b32 step; the
-    # few-key Pallas kernels (padded mask) per backward tiling
+  lora)  # ~9 min: the b32 step with pallas_lora's kernels, with XLA's adapter path, and with the frozen weights in
+    # XLA's chosen layouts (Layout.AUTO); then the adapters' input side alone, XLA against the kernels
     wheels || exit 1
     export XLA_FLAGS=--xla_gpu_autotune_level=2
-    boxed 140 lora_kernels_probe python3 -X faulthandler benchmarks/lora_kernels_probe.py --configs 4,2 8,2
     boxed 150 train_step_kernels python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32
     boxed 150 train_step_xla python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
       --lora-kernels xla
-    boxed 120 attention_probe_cross python3 -X faulthandler benchmarks/attention_probe.py --only cross --iters 10 \
-      --pallas-configs 64,0,4,2,128,0,8,2 64,0,4,2,128,4,8,2 64,0,4,2,128,8,4,2 ;;
+    boxed 150 train_step_auto_layout python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
+      --frozen-layout auto
+    boxed 100 lora_kernels_probe python3 -X faulthandler benchmarks/lora_kernels_probe.py --configs 0,2 ;;
   layouts)  # ~5 min: the b32 step with the frozen weights in XLA's chosen layouts (Layout.AUTO) and in the
     # default row-major ones
     wheels || exit 1

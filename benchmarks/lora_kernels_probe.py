@@ -41,8 +41,8 @@ def main(argv=None):
   p.add_argument("--small", action="store_true")
   p.add_argument("--buffers", type=int, default=4)
   p.add_argument("--iters", type=int, default=20)
-  p.add_argument("--configs", type=config_tuple, nargs="*", default=[(4, 2), (8, 2), (4, 3)],
-                 help="Pallas (num_warps, num_stages) pairs, each as 'W,S'")
+  p.add_argument("--configs", type=config_tuple, nargs="*", default=[(0, 2), (4, 2), (8, 2)],
+                 help="Pallas (num_warps, num_stages) pairs, each as 'W,S' (W = 0: the kernels' own choice)")
   args = p.parse_args(argv)
   rng = np.random.default_rng(0)
   shapes = ((256, 128), (128, 192)) if args.small else SHAPES
@@ -81,7 +81,7 @@ def main(argv=None):
       row("forward", "xla", xla_fwd, xs)
       xhs = xla_fwd(xs)
       for warps, stages in args.configs:
-        kw = dict(interpret=interpret, num_warps=warps, num_stages=stages)
+        kw = dict(interpret=interpret, num_warps=warps or None, num_stages=stages)
 
         def check_fwd():
           got = pallas_lora.down(xs[0], jnp.stack(a), rates, seeds, scales, **kw)
@@ -93,7 +93,7 @@ def main(argv=None):
             lambda xs: [pallas_lora.down(x, jnp.stack(a), rates, seeds, scales, **kw) for x in xs], xs, check_fwd)
       row("backward", "xla", xla_bwd, xs)
       for warps, stages in args.configs:
-        kw = dict(interpret=interpret, num_warps=warps, num_stages=stages)
+        kw = dict(interpret=interpret, num_warps=warps or 4, num_stages=stages)
         row("backward", f"pallas {warps},{stages}",
             lambda xhs: [pallas_lora.down_grad(xh, dh, rates, seeds, k=k, **kw) for xh in xhs], xhs)
 

@@ -175,6 +175,12 @@ def _use_kernels(x_shape, a, dropout: bool) -> bool:
   return ok and (KERNELS == "interpret" or attention.triton_gpu())
 
 
+def _use_forward_kernel(x_shape, a, dropout: bool) -> bool:
+  """The forward kernel only where it beats XLA's passes (`pallas_lora.FORWARD_MIN_ROWS`); interpreted always."""
+  from idmp_jax.models import pallas_lora
+  return _use_kernels(x_shape, a, dropout) and (KERNELS == "interpret" or x_shape[0] >= pallas_lora.FORWARD_MIN_ROWS)
+
+
 def _extended_kernel(kernels, b, i):
   """[W_i; 0; ...; B_i; ...; 0]: layer i's kernel over the shared operand [x | h_1 | ... | h_n]."""
   n_out = kernels[i].shape[1]
@@ -183,7 +189,7 @@ def _extended_kernel(kernels, b, i):
 
 
 def _lora_matmuls_fwd(x, kernels, a, b, scale, rate, seed, dropout):
-  if _use_kernels(x.shape, a, dropout):
+  if _use_forward_kernel(x.shape, a, dropout):
     from idmp_jax.models import pallas_lora
     xh = pallas_lora.down(x, jnp.stack(a), rate, seed, scale, interpret=KERNELS == "interpret")
   else:
@@ -282,10 +288,13 @@ def _apply_dropout(x, rate, seed):
   rows = x.size // max(k, 1)
   if rows * half >= 2**32:
     raise ValueError(f"LoRA dropout on {x.shape}: the counter-based mask needs < 2^32 element pairs")
-  pairs = (jax.lax.broadcasted_iota(jnp.uint32, (rows, half), 0) * jnp.uint32(half)
-           + jax.lax.broadcasted_iota(jnp.uint32, (rows, half), 1))
+  # Elementwise in (row, column), no concatenation of the two halves: XLA fuses it into the consumer as a loop.
+  col = jax.lax.broadcasted_iota(jnp.uint32, (rows, k), 1)
+  upper = col >= jnp.uint32(half)
+  pairs = (jax.lax.broadcasted_iota(jnp.uint32, (rows, k), 0) * jnp.uint32(half)
+           + jnp.where(upper, col - jnp.uint32(half), col))
   low, high = keep_bits(pairs, mixed_seed(seed))
-  bits = jnp.concatenate([low, high], axis=1)[:, :k].reshape(x.shape)
+  bits = jnp.where(upper, high, low).reshape(x.shape)
   cut, factor = dropout_cut(rate)
   return jnp.where(bits >= cut, x * factor.astype(x.dtype), jnp.zeros((), x.dtype))
 

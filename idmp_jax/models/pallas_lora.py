@@ -28,7 +28,14 @@ from idmp_jax.models import lora
 
 BLOCK_K = 32  # Columns per half-tile (a hash tile's width).
 MAX_ADAPTERS = 4
-ROW_SPLITS = 64  # down_grad: programs along the rows per column block, each summing its rows' dA (fp32 partials).
+# down_grad: programs to aim for (row splits x column blocks), each summing its rows' dA into an fp32 partial. At 320
+# programs (64 row splits) the 64x64 level's q/k/v dA took 233 us on an H200 (b32): too few warps in flight to
+# hide the loads.
+BACKWARD_PROGRAMS = 2048
+# `down` has one program per 128 rows: below ~256 programs it loses to XLA (H200, b32, K = 1280: 8192 rows 172-179
+# us against 132 for q/k/v; 2048 rows 112-160 against 61), above it wins (131072 x 320: 151 against 305 us;
+# 32768 x 640: 111 against 185), so `lora` takes it from this many rows.
+FORWARD_MIN_ROWS = 32768
 
 
 def block_m(rows: int) -> int:
@@ -139,15 +146,18 @@ def _check(x_shape, a_shape, what: str):
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "num_stages"))
-def down(x, a, rates, seeds, scales, *, interpret: bool = False, num_warps: int = 4, num_stages: int = 2):
+def down(x, a, rates, seeds, scales, *, interpret: bool = False, num_warps: int | None = None, num_stages: int = 2):
   """[x | h_1 | ... | h_n], h_i = scales[i] * dropout_i(x) @ a[i], for x (rows, K), a (n, K, r) in x's dtype;
-  dropout_i as `lora._apply_dropout` with rates[i] () and seeds[i] (2,) uint32."""
+  dropout_i as `lora._apply_dropout` with rates[i] () and seeds[i] (2,) uint32. num_warps: 4 for several adapters,
+  8 for one unless given (H200, b32: q/k/v at 131072 x 320 151 us with 4 warps against 183 with 8; one adapter 105
+  against 116, at 32768 x 640 85 against 101)."""
   if x.ndim != 2:
     raise ValueError(f"LoRA forward kernel: input {x.shape} is not (rows, K)")
   _check(x.shape, a.shape, "forward")
   rows, k = x.shape
   n, _, r = a.shape
   bm = block_m(rows)
+  num_warps = num_warps or (4 if n > 1 else 8)
   vec = pl.BlockSpec((n,), lambda i: (0,))
   return pl.pallas_call(
       functools.partial(_down_kernel, k=k, n=n, bm=bm),
@@ -170,12 +180,13 @@ def down_grad(xh, dh, rates, seeds, *, k: int, interpret: bool = False, num_warp
     raise ValueError(f"LoRA backward kernel: dh {dh.shape} does not fit the operand {xh.shape} (K = {k})")
   _check((rows, k), (n, k, r), "backward")
   bm = block_m(rows)
-  splits = min(ROW_SPLITS, rows // bm)
-  while (rows // bm) % splits:
+  blocks = rows // bm
+  splits = max(1, min(blocks, BACKWARD_PROGRAMS // (k // 2 // BLOCK_K)))
+  while blocks % splits:
     splits -= 1
   full = lambda *shape: pl.BlockSpec(shape, lambda s, c: (0,) * len(shape))
   da = pl.pallas_call(
-      functools.partial(_down_grad_kernel, k=k, n=n, bm=bm, blocks=rows // bm // splits),
+      functools.partial(_down_grad_kernel, k=k, n=n, bm=bm, blocks=blocks // splits),
       grid=(splits, k // 2 // BLOCK_K),
       in_specs=[full(*xh.shape), full(n, rows, r)] + [full(n)] * 3,
       out_specs=pl.BlockSpec((None, n, k, r), lambda s, c: (s, 0, 0, 0)),
