@@ -176,7 +176,7 @@ def _use_kernels(x_shape, a, dropout: bool) -> bool:
 
 
 def _use_forward_kernel(x_shape, a, dropout: bool) -> bool:
-  """The forward kernel only where it beats XLA's passes (`pallas_lora.FORWARD_MIN_ROWS`); interpreted always."""
+  """The kernels only where the forward beats XLA's passes (`pallas_lora.FORWARD_MIN_ROWS`); interpreted always."""
   from idmp_jax.models import pallas_lora
   return _use_kernels(x_shape, a, dropout) and (KERNELS == "interpret" or x_shape[0] >= pallas_lora.FORWARD_MIN_ROWS)
 
@@ -204,7 +204,9 @@ def _lora_matmuls_bwd(dropout, res, dys):
   xh, kernels, a, b, scale, rate, seed = res
   k = kernels[0].shape[0]
   x = xh[:, :k]
-  kernel_da = _use_kernels(x.shape, a, dropout)
+  # dA by the kernel only where the forward ran it: elsewhere XLA's forward has dropout(x) (its rank-16 GEMM's
+  # operand), and XLA keeps it for dA (CSE of the same mask expression), cheaper than making the mask again.
+  kernel_da = _use_forward_kernel(x.shape, a, dropout)
   dx, dkernels, da, db, dhs, offset = None, [], [], [], [], k
   for i, dy in enumerate(dys):
     r = a[i].shape[1]

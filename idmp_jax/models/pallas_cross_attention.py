@@ -38,10 +38,12 @@ from jax.experimental.pallas import triton as plgpu
 # spans per (batch, head), each one program looping over its tiles; 0 = enough for FORWARD_PROGRAMS /
 # BACKWARD_PROGRAMS programs. Measured on an H200 at b32 (benchmarks/attention_probe.py, BENCHMARKS.md), RCA mask,
 # 64x64 latents: forward 64-query tiles 124-151 us against 181 for 128 (cuDNN 293); forward + backward with
-# 128-query backward tiles 557 us against 811 for 64 (cuDNN 883); at 32x32, 321 against 429 (cuDNN 433).
+# 128-query backward tiles 557 us against 811 for 64 (cuDNN 883), 438 with the mask padded; at 32x32, 272 (cuDNN
+# 432). Backward splits (padded mask, forward + backward): 64x64 2 -> 4 splits 438 -> 425 us, 8 splits with 4
+# warps 577; 32x32 1 -> 4 splits 272 -> 258; 16x16 1 -> 2 splits 165 -> 272. Hence 512 programs: 4, 2 and 1.
 DEFAULT_CONFIG = (64, 0, 4, 2, 128, 0, 8, 2)
 FORWARD_PROGRAMS = 1024  # Enough to fill an H200 (132 SMs) several times; k/v are read once per program.
-BACKWARD_PROGRAMS = 256  # Fewer: each split writes its own fp32 dK/dV partial, read back by XLA's sum.
+BACKWARD_PROGRAMS = 512  # Fewer: each split writes its own fp32 dK/dV partial, read back by XLA's sum.
 MAX_KEYS = 128
 MASKED = float(jnp.finfo(jnp.float32).min)  # XLA's masked logit.
 LOG2E = 1.4426950408889634
