@@ -178,7 +178,8 @@ def _use_kernels(x_shape, a, dropout: bool) -> bool:
 def _use_forward_kernel(x_shape, a, dropout: bool) -> bool:
   """The kernels only where the forward beats XLA's passes (`pallas_lora.FORWARD_MIN_ROWS`); interpreted always."""
   from idmp_jax.models import pallas_lora
-  return _use_kernels(x_shape, a, dropout) and (KERNELS == "interpret" or x_shape[0] >= pallas_lora.FORWARD_MIN_ROWS)
+  return _use_kernels(x_shape, a, dropout) and (KERNELS == "interpret" or (
+      x_shape[0] >= pallas_lora.FORWARD_MIN_ROWS and x_shape[1] <= pallas_lora.MAX_MEASURED_K))
 
 
 def _extended_kernel(kernels, b, i):

@@ -36,6 +36,8 @@ BACKWARD_PROGRAMS = 2048
 # us against 132 for q/k/v; 2048 rows 112-160 against 61), above it wins (131072 x 320: 151 against 305 us;
 # 32768 x 640: 111 against 185), so `lora` takes it from this many rows.
 FORWARD_MIN_ROWS = 32768
+# Only input widths measured against XLA (the UNet's 320-1280); LLaVA's 4096-wide projections stay on XLA's path.
+MAX_MEASURED_K = 1280
 
 
 def block_m(rows: int) -> int:
