@@ -30,7 +30,7 @@ BLOCK_K = 32  # Columns per half-tile (a hash tile's width).
 MAX_ADAPTERS = 4
 # down_grad: programs to aim for (row splits x column blocks), each summing its rows' dA into an fp32 partial. At 320
 # programs (64 row splits) the 64x64 level's q/k/v dA took 233 us on an H200 (b32): too few warps in flight to
-# hide the loads.
+# hide the loads; at ~2048, 181-204 us (XLA remaking the masks: 245-284).
 BACKWARD_PROGRAMS = 2048
 # `down` has one program per 128 rows: below ~256 programs it loses to XLA (H200, b32, K = 1280: 8192 rows 172-179
 # us against 132 for q/k/v; 2048 rows 112-160 against 61), above it wins (131072 x 320: 151 against 305 us;
