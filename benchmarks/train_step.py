@@ -152,8 +152,8 @@ def measure(step, state, frozen, batch, steps: int, b: int, profile_dir: str = "
   compile_s = time.perf_counter() - t0
   if frozen_layout == "auto":
     formats = compiled.input_formats[0][1]
-    changed = sum(f.layout is not None and f.layout.major_to_minor != tuple(range(x.ndim)) for f, x in zip(jax.tree.leaves(formats),
-                                                                                  jax.tree.leaves(frozen)))
+    pairs = zip(jax.tree.leaves(formats), jax.tree.leaves(frozen))
+    changed = sum(f.layout is not None and f.layout.major_to_minor != tuple(range(x.ndim)) for f, x in pairs)
     print(f"frozen layouts: {changed} of {len(jax.tree.leaves(frozen))} arrays not row-major", flush=True)
     frozen = jax.device_put(frozen, formats)
   estimate = executable_gib(compiled)

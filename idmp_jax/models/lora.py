@@ -162,6 +162,8 @@ KERNELS = "auto"
 
 
 def _use_kernels(x_shape, a, dropout: bool) -> bool:
+  """The kernels (forward operand and dA) for shapes they take where the forward beats XLA's passes
+  (`pallas_lora.FORWARD_MIN_ROWS`, `MAX_MEASURED_K`); interpreted wherever they take the shapes."""
   if not dropout or KERNELS == "xla":
     return False
   if KERNELS not in ("auto", "interpret"):
@@ -171,15 +173,10 @@ def _use_kernels(x_shape, a, dropout: bool) -> bool:
   if len(shapes) != 1 or len({v.dtype for v in a}) != 1:
     return False
   (k, r), = shapes
-  ok = pallas_lora.supported(x_shape[0], k, r, len(a))
-  return ok and (KERNELS == "interpret" or attention.triton_gpu())
-
-
-def _use_forward_kernel(x_shape, a, dropout: bool) -> bool:
-  """The kernels only where the forward beats XLA's passes (`pallas_lora.FORWARD_MIN_ROWS`); interpreted always."""
-  from idmp_jax.models import pallas_lora
-  return _use_kernels(x_shape, a, dropout) and (KERNELS == "interpret" or (
-      x_shape[0] >= pallas_lora.FORWARD_MIN_ROWS and x_shape[1] <= pallas_lora.MAX_MEASURED_K))
+  if not pallas_lora.supported(x_shape[0], k, r, len(a)):
+    return False
+  return KERNELS == "interpret" or (attention.triton_gpu() and x_shape[0] >= pallas_lora.FORWARD_MIN_ROWS
+                                    and k <= pallas_lora.MAX_MEASURED_K)
 
 
 def _extended_kernel(kernels, b, i):
@@ -190,7 +187,7 @@ def _extended_kernel(kernels, b, i):
 
 
 def _lora_matmuls_fwd(x, kernels, a, b, scale, rate, seed, dropout):
-  if _use_forward_kernel(x.shape, a, dropout):
+  if _use_kernels(x.shape, a, dropout):
     from idmp_jax.models import pallas_lora
     xh = pallas_lora.down(x, jnp.stack(a), rate, seed, scale, interpret=KERNELS == "interpret")
   else:
@@ -207,7 +204,7 @@ def _lora_matmuls_bwd(dropout, res, dys):
   x = xh[:, :k]
   # dA by the kernel only where the forward ran it: elsewhere XLA's forward has dropout(x) (its rank-16 GEMM's
   # operand), and XLA keeps it for dA (CSE of the same mask expression), cheaper than making the mask again.
-  kernel_da = _use_forward_kernel(x.shape, a, dropout)
+  kernel_da = _use_kernels(x.shape, a, dropout)
   dx, dkernels, da, db, dhs, offset = None, [], [], [], [], k
   for i, dy in enumerate(dys):
     r = a[i].shape[1]
