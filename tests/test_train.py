@@ -83,29 +83,38 @@ def losses(workdir):
 # Optimizer: the original's torch AdamW + clip_grad_norm_ + constant_with_warmup, step for step.
 
 
-def test_optimizer_matches_torch():
+@pytest.mark.parametrize("flatten", [True, False])
+def test_optimizer_matches_torch(flatten):
+  """Two leaves, so the clip's global norm spans leaves; flattened (configs/rca.py) and per leaf."""
   from diffusers.optimization import get_constant_schedule_with_warmup
   cfg = load_config().optimizer
+  cfg.flatten = flatten
   steps_per_epoch = 2884
   tx, schedule = optim.make_optimizer(cfg, steps_per_epoch)
   assert float(schedule(0)) == 0.0  # lr 0 at step 0
-  p = torch.nn.Parameter(torch.tensor(np.random.default_rng(0).standard_normal(50).astype(np.float32)))
-  opt = torch.optim.AdamW([p], lr=cfg.lr, betas=(cfg.adam_b1, cfg.adam_b2), eps=cfg.adam_eps,
+  rng = np.random.default_rng(0)
+  shapes = {"v": (3, 4), "w": (50,)}  # (Sorted: the pytree's leaf order.)
+  ps = {k: torch.nn.Parameter(torch.tensor(rng.standard_normal(s).astype(np.float32))) for k, s in shapes.items()}
+  opt = torch.optim.AdamW(list(ps.values()), lr=cfg.lr, betas=(cfg.adam_b1, cfg.adam_b2), eps=cfg.adam_eps,
                           weight_decay=cfg.weight_decay)
   sched = get_constant_schedule_with_warmup(opt, num_warmup_steps=cfg.warmup_fraction_of_epoch * steps_per_epoch)
-  params = {"w": jax.numpy.asarray(p.detach().numpy())}
+  params = {k: jax.numpy.asarray(p.detach().numpy()) for k, p in ps.items()}
   state = tx.init(params)
-  rng = np.random.default_rng(1)
+  # Flattened: the moments are one vector over both leaves.
+  assert {x.shape for x in jax.tree.leaves(state) if x.ndim} == ({(62,)} if flatten else {(3, 4), (50,)})
   for step in range(40):  # through the end of the 28.84-step warm-up
-    g = rng.standard_normal(50).astype(np.float32) * (3.0 if step % 3 else 0.1)  # clipped and unclipped
+    g = {k: rng.standard_normal(s).astype(np.float32) * (3.0 if step % 3 else 0.1) for k, s in shapes.items()}
     assert np.isclose(float(schedule(step)), sched.get_last_lr()[0], rtol=1e-6, atol=0)
-    p.grad = torch.from_numpy(g.copy())
-    torch.nn.utils.clip_grad_norm_([p], cfg.grad_clip)
+    for k, p in ps.items():
+      p.grad = torch.from_numpy(g[k].copy())
+    torch_norm = float(torch.nn.utils.clip_grad_norm_(list(ps.values()), cfg.grad_clip))  # clipped and not
+    np.testing.assert_allclose(float(optim.global_norm(g, flatten)), torch_norm, rtol=1e-6)
     opt.step()
     sched.step()
-    updates, state = tx.update({"w": jax.numpy.asarray(g)}, state, params)
+    updates, state = tx.update(jax.tree.map(jax.numpy.asarray, g), state, params)
     params = jax.tree.map(lambda a, u: a + u, params, updates)
-    np.testing.assert_allclose(np.asarray(params["w"]), p.detach().numpy(), rtol=2e-5, atol=1e-7)
+    for k, p in ps.items():
+      np.testing.assert_allclose(np.asarray(params[k]), p.detach().numpy(), rtol=2e-5, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -106,14 +106,16 @@ def loss_fn(trainable, frozen, batch, key, models: Models, *, train: bool):
   return loss, per_example
 
 
-def make_train_step(models: Models, optimizer: optax.GradientTransformation, schedule: Callable):
-  """(state, frozen, batch) -> (state, metrics), the shared step of `idmp_jax.train.state` on this loss."""
+def make_train_step(models: Models, optimizer: optax.GradientTransformation, schedule: Callable, *,
+                    flat: bool = False):
+  """(state, frozen, batch) -> (state, metrics), the shared step of `idmp_jax.train.state` on this loss (`flat`:
+  the optimizer is flattened, `optimizer.make_optimizer`)."""
 
   def loss(trainable, frozen, batch, key):
     value, _ = loss_fn(trainable, frozen, batch, key, models, train=True)
     return value, {"examples": jnp.sum(batch["valid"].astype(jnp.float32))}
 
-  return train_state.make_train_step(loss, optimizer, schedule)
+  return train_state.make_train_step(loss, optimizer, schedule, flat=flat)
 
 
 def make_eval_step(models: Models):

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from idmp_jax.train import optimizer as optim
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -31,15 +33,16 @@ def init_state(params, optimizer: optax.GradientTransformation, rng) -> TrainSta
                     rng=jax.random.key_data(rng))
 
 
-def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, schedule: Callable):
-  """(state, frozen, batch) -> (state, metrics): loss, grad_norm (before clipping), lr of this step, and the
-  loss's counts. A non-finite loss or gradient leaves params and optimizer state as they were (the loop stops on
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, schedule: Callable, *,
+                    flat: bool = False):
+  """(state, frozen, batch) -> (state, metrics): loss, grad_norm (before clipping; `optimizer.global_norm`, flat
+  when the optimizer is flattened), lr of this step, and the loss's counts. A non-finite loss or gradient leaves params and optimizer state as they were (the loop stops on
   it; the guard only keeps the in-memory state clean)."""
 
   def step(state: TrainState, frozen, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     (loss, counts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, key)
-    grad_norm = optax.tree.norm(grads)
+    grad_norm = optim.global_norm(grads, flat)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
