@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 
 from idmp_jax import schedulers  # noqa: E402
 from idmp_jax.models import clip, lora, unet, vae  # noqa: E402
-from idmp_jax.train import diffusion, optimizer as optim, tiny  # noqa: E402
+from idmp_jax.train import diffusion, optimizer as optim, state as train_state, tiny  # noqa: E402
 from benchmarks.profile_by_source import profile_by_source  # noqa: E402
 from benchmarks.profile_summary import executable_gib, peak_memory_gib, profile_steps  # noqa: E402
 
@@ -87,8 +87,9 @@ def build(small: bool, dtype, attention: str, remat: bool):
   return models, trainable, frozen, ucfg
 
 
-def unet_only_step(models: diffusion.Models, tx, schedule):
-  """The UNet part of diffusion.loss_fn (same draws and ops) from given latents and text context."""
+def unet_only_step(models: diffusion.Models, tx, schedule, flat: bool):
+  """The UNet part of diffusion.loss_fn (same draws and ops) from given latents and text context, in the job's own
+  optimizer step (`train.state.make_train_step`: gradient norm, update, NaN guard)."""
 
   def loss(trainable, frozen, batch, key):
     k_noise, k_t, k_drop = jax.random.split(key, 3)
@@ -100,16 +101,9 @@ def unet_only_step(models: diffusion.Models, tx, schedule):
     pred = models.unet.apply({"params": lora.merge(trainable, frozen["unet"])}, x, t, batch["context"],
                              region_masks=batch["region_masks"], token_region=batch["token_region"],
                              rngs={lora.DROPOUT_RNG: k_drop})
-    return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise))
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise)), {}
 
-  def step(state, frozen, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    value, grads = jax.value_and_grad(loss)(state.params, frozen, batch, key)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {"loss": value}
-
-  return step
+  return train_state.make_train_step(loss, tx, schedule, flat=flat)
 
 
 def regions(rng, b, res):
@@ -217,6 +211,10 @@ def main():
   ap.add_argument("--frozen-layout", choices=["default", "auto"], default="default",
                   help="auto: the step compiled with the frozen weights' layouts left to XLA (Layout.AUTO), and the "
                   "weights put in them once (no per-step transposes of conv kernels to cuDNN's layout)")
+  ap.add_argument("--flatten", choices=["config", "on", "off", "ab"], default="config",
+                  help="the optimizer on the LoRA leaves concatenated (optax.flatten) or per leaf; config: as "
+                  "configs/rca.py sets it; ab: both, their pipelined chains interleaved in one process (--rounds)")
+  ap.add_argument("--rounds", type=int, default=6, help="--flatten ab: chains per variant, alternating")
   ap.add_argument("--profile", default="", help="after timing, profile 3 steps into this folder and sum the "
                   "device kernels by kind (benchmarks/profile_summary.py)")
   args = ap.parse_args()
@@ -228,14 +226,21 @@ def main():
   models, trainable, frozen, ucfg = build(args.small, dtype, args.attention, args.remat)
   n_lora = lora.count(trainable)
   from configs import rca  # The job's own optimizer settings.
-  tx, schedule = optim.make_optimizer(rca.get_config().optimizer, 2884)
+  if args.flatten == "ab":
+    return flatten_ab(args, models, trainable, frozen, ucfg, dtype, res, batches)
+  opt_config = rca.get_config().optimizer
+  if args.flatten != "config":
+    opt_config.flatten = args.flatten == "on"
+  flat = opt_config.get("flatten", False)
+  tx, schedule = optim.make_optimizer(opt_config, 2884)
   frozen_formats = None
   if args.frozen_layout == "auto":
     from jax.experimental.layout import Format, Layout
     frozen_formats = (None, jax.tree.map(lambda _: Format(Layout.AUTO), frozen), None)
   jit = lambda fn: jax.jit(fn, donate_argnums=0, in_shardings=frozen_formats) if frozen_formats else jax.jit(
       fn, donate_argnums=0)
-  steps = {"unet": jit(unet_only_step(models, tx, schedule)), "full": jit(diffusion.make_train_step(models, tx, schedule))}
+  steps = {"unet": jit(unet_only_step(models, tx, schedule, flat)),
+           "full": jit(diffusion.make_train_step(models, tx, schedule, flat=flat))}
   rng = np.random.default_rng(0)
   rows = []
   for kind in kinds:
@@ -249,6 +254,7 @@ def main():
         row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
       row = dict(kind=kind, batch=b, res=res, rca=True, dtype=str(dtype), remat=args.remat,
                  attention=args.attention, lora_kernels=args.lora_kernels, frozen_layout=args.frozen_layout,
+                 optimizer_flat=flat,
                  lora_params=n_lora, device=jax.devices()[0].device_kind, **row)
       print(json.dumps(row), flush=True)
       rows.append(row)
@@ -262,6 +268,49 @@ def main():
       print(f"{r['kind']:6} {r['batch']:>5} {r['img_per_s']:>8} {r['step_ms']:>9} {r['pipelined_img_per_s']:>10} "
             f"{r['pipelined_step_ms']:>8} {r['executable_bytes_gib']!s:>8} "
             f"{r['peak_bytes_in_use_gib']:>9} {r['compile_s']:>9}")
+
+
+def flatten_ab(args, models, trainable, frozen, ucfg, dtype, res, batches):
+  """The unet step with the optimizer flattened and per leaf, both compiled in this process, their pipelined
+  chains (each step dispatched before the last is awaited) alternating round by round: a paired A/B, free of the
+  2-3% by which the lent machines differ."""
+  from configs import rca
+  b = max(batches)
+  batch = jax.device_put(batch_for("unet", b, res, ucfg, dtype, np.random.default_rng(0)))
+  variants = {}
+  for flat in (True, False):
+    opt_config = rca.get_config().optimizer
+    opt_config.flatten = flat
+    tx, schedule = optim.make_optimizer(opt_config, 2884)
+    state = diffusion.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(0))
+    t0 = time.perf_counter()
+    step = jax.jit(unet_only_step(models, tx, schedule, flat), donate_argnums=0).lower(state, frozen, batch).compile()
+    print(f"flatten={flat}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+    for _ in range(3):
+      state, out = step(state, frozen, batch)
+    jax.block_until_ready(out)
+    variants[flat] = [step, state, []]
+  for _ in range(args.rounds):
+    for flat, v in variants.items():
+      step, state, chains = v
+      t0 = time.perf_counter()
+      last = None
+      for _ in range(args.steps):
+        state, out = step(state, frozen, batch)
+        if last is not None:
+          jax.block_until_ready(last)
+        last = out
+      jax.block_until_ready(out)
+      chains.append((time.perf_counter() - t0) / args.steps)
+      v[1] = state
+  on, off = (variants[f][2] for f in (True, False))
+  row = dict(kind="unet", batch=b, flatten_ab=True, device=jax.devices()[0].device_kind, steps=args.steps,
+             flat_ms=[round(x * 1e3, 2) for x in on], tree_ms=[round(x * 1e3, 2) for x in off],
+             flat_median_ms=round(statistics.median(on) * 1e3, 2),
+             tree_median_ms=round(statistics.median(off) * 1e3, 2),
+             paired_diff_median_ms=round(statistics.median(a - c for a, c in zip(on, off)) * 1e3, 2))
+  print(json.dumps(row), flush=True)
+  return row
 
 
 if __name__ == "__main__":
