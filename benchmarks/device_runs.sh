@@ -19,6 +19,8 @@
 #       the Pallas few-key kernel (tilings) and Mosaic GPU flash attention; the b32 step, auto vs cuDNN only
 #   bash benchmarks/device_runs.sh lora        # on the GPU machine (carry .whl): the b32 step with the LoRA
 #       input-side kernels, with XLA's path, with Layout.AUTO frozen weights; the kernels alone against XLA
+#   bash benchmarks/device_runs.sh dx          # on the GPU machine (carry .whl): the LoRA kernels alone (64x64, 32x32
+#       levels, with dx), then the b32 step
 #   bash benchmarks/device_runs.sh layouts     # on the GPU machine (carry .whl): the b32 step with the frozen
 #       weights in XLA's layouts (Layout.AUTO) and in the default ones
 #   bash benchmarks/device_runs.sh final       # on the GPU machine (carry .whl): the b32 step, then its profile
@@ -138,6 +140,12 @@ case "$step" in
     boxed 150 train_step_auto_layout python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
       --frozen-layout auto
     boxed 100 lora_kernels_probe python3 -X faulthandler benchmarks/lora_kernels_probe.py --configs 0,2 ;;
+  dx)  # ~3.5 min: the adapters' kernels alone against XLA at the 64x64 and 32x32 levels (with dx), then the b32 step
+    wheels || exit 1
+    export XLA_FLAGS=--xla_gpu_autotune_level=2
+    boxed 70 lora_kernels_probe python3 -X faulthandler benchmarks/lora_kernels_probe.py --levels 2 --configs 0,2 \
+      --iters 10
+    boxed 150 train_step_kernels python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 ;;
   layouts)  # ~5 min: the b32 step with the frozen weights in XLA's chosen layouts (Layout.AUTO) and in the
     # default row-major ones
     wheels || exit 1

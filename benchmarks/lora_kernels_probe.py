@@ -5,6 +5,8 @@ cross-attention's to_q):
   forward   [x | h_1..h_n], h_i = s_i * dropout_i(x) A_i: XLA (n masked copies of x, n rank-16 GEMMs, one
             concatenation) against `pallas_lora.down` (one read of x, one write), per --configs tiling
   backward  dA_i = dropout_i(x)^T dh_i: XLA (the mask recomputed, n GEMMs) against `pallas_lora.down_grad`
+  dx        sum_i dxh_i[:, :K] + dropout_i(dh_i A_i^T): XLA (dh_i A_i^T written at full width, then masked and
+            added) against `pallas_lora.up_grad`
 
   python benchmarks/lora_kernels_probe.py            # on the GPU
   python benchmarks/lora_kernels_probe.py --small    # CPU smoke test (kernels interpreted, tiny shapes)
@@ -41,11 +43,12 @@ def main(argv=None):
   p.add_argument("--small", action="store_true")
   p.add_argument("--buffers", type=int, default=4)
   p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--levels", type=int, default=len(SHAPES), help="only the first N shapes (largest first)")
   p.add_argument("--configs", type=config_tuple, nargs="*", default=[(0, 2), (4, 2), (8, 2)],
                  help="Pallas (num_warps, num_stages) pairs, each as 'W,S' (W = 0: the kernels' own choice)")
   args = p.parse_args(argv)
   rng = np.random.default_rng(0)
-  shapes = ((256, 128), (128, 192)) if args.small else SHAPES
+  shapes = ((256, 128), (128, 192)) if args.small else SHAPES[:args.levels]
   interpret = args.small
   r = 16
   print(f"{'rows x K':>14s} {'n':>2s} {'pass':8s} {'impl':14s} {'us':>9s} {'GB/s':>7s}")
@@ -91,6 +94,25 @@ def main(argv=None):
             raise AssertionError(f"forward differs from XLA's by {err}")
         row("forward", f"pallas {warps},{stages}",
             lambda xs: [pallas_lora.down(x, jnp.stack(a), rates, seeds, scales, **kw) for x in xs], xs, check_fwd)
+      dxhs_many = [tuple(jnp.asarray(rng.standard_normal((rows, k + r)), jnp.bfloat16) for _ in range(n))
+                   for _ in range(args.buffers)]
+
+      def xla_dx(dxhs_many):
+        out = []
+        for dxhs in dxhs_many:
+          total = None
+          for i in range(n):
+            back = jnp.dot(dxhs[i][:, k:] * scales[i].astype(jnp.bfloat16), a[i].T)
+            term = dxhs[i][:, :k] + lora._apply_dropout(back, rates[i], seeds[i])
+            total = term if total is None else total + term
+          out.append(total)
+        return out
+
+      row("dx", "xla", xla_dx, dxhs_many)
+      for warps, stages in args.configs:
+        kw = dict(interpret=interpret, num_warps=warps or 4, num_stages=stages)
+        row("dx", f"pallas {warps},{stages}", lambda dxhs_many: [
+            pallas_lora.up_grad(dxhs, jnp.stack(a), rates, seeds, scales, k=k, **kw) for dxhs in dxhs_many], dxhs_many)
       row("backward", "xla", xla_bwd, xs)
       for warps, stages in args.configs:
         kw = dict(interpret=interpret, num_warps=warps or 4, num_stages=stages)

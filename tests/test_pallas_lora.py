@@ -1,5 +1,5 @@
 """The LoRA adapters' input side as Pallas kernels (idmp_jax/models/pallas_lora.py), interpreted on the CPU, against
-lora's XLA path: the same masks, the same [x | h_1 | ... | h_n] and dA; and `lora._lora_matmuls` (values and
+lora's XLA path: the same masks, the same [x | h_1 | ... | h_n], dA and dx; and `lora._lora_matmuls` (values and
 gradients) through either path."""
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,16 @@ def test_kernels_equal_the_xla_path(rows, k, r, n, dtype, tol):
   assert da.shape == (n, k, r) and da.dtype == jnp.float32
   for i in range(n):
     _close(da[i], jnp.dot(xds[i].T, dh[i], preferred_element_type=jnp.float32), tol)
+
+  dxhs = tuple(jnp.asarray(np.random.default_rng(2 + i).standard_normal((rows, k + r)), dtype) for i in range(n))
+  dx = pallas_lora.up_grad(dxhs, jnp.stack(a), rates, seeds, scales, k=k, interpret=True)
+  want = None
+  for i in range(n):
+    back = jnp.dot(dxhs[i][:, k:] * scales[i].astype(dtype), a[i].T)
+    term = dxhs[i][:, :k] + lora._apply_dropout(back, rates[i], seeds[i])
+    want = term if want is None else want + term
+  assert dx.dtype == dtype
+  _close(dx, want, tol)
 
 
 def test_matmuls_through_the_kernels_equal_xla(monkeypatch):

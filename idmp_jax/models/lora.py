@@ -205,29 +205,38 @@ def _lora_matmuls_bwd(dropout, res, dys):
   # dA by the kernel only where the forward ran it: elsewhere XLA's forward has dropout(x) (its rank-16 GEMM's
   # operand), and XLA keeps it for dA (CSE of the same mask expression), cheaper than making the mask again.
   kernel_da = _use_kernels(x.shape, a, dropout)
-  dx, dkernels, da, db, dhs, offset = None, [], [], [], [], k
+  kernel_dx = False
+  if kernel_da:
+    from idmp_jax.models import pallas_lora
+    kernel_dx = len(a) >= pallas_lora.UP_GRAD_MIN_ADAPTERS  # dx too, for adapters sharing x (q/k/v).
+  dx, dkernels, da, db, dhs, dxhs, offset = None, [], [], [], [], [], k
   for i, dy in enumerate(dys):
     r = a[i].shape[1]
     dxh = jnp.dot(dy, jnp.concatenate([kernels[i], b[i]], axis=0).T)  # [dx_i | dh_i] from one GEMM.
+    dxhs.append(dxh)
     h = xh[:, offset:offset + r]
     dh = dxh[:, k:] * scale[i].astype(dy.dtype)
     dhs.append(dh)
     db.append(jnp.dot(h.T, dy, preferred_element_type=jnp.float32).astype(b[i].dtype))
+    # Dead when the kernel is frozen (XLA drops it).
+    dkernels.append(jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(kernels[i].dtype))
+    offset += r
     if not kernel_da:
       xd = _apply_dropout(x, rate[i], seed[i]) if dropout else x
       da.append(jnp.dot(xd.T, dh, preferred_element_type=jnp.float32).astype(a[i].dtype))
+    if kernel_dx:
+      continue
     dxd = jnp.dot(dh, a[i].T)
     if dropout:
       dxd = _apply_dropout(dxd, rate[i], seed[i])  # The same mask and rescaling: dropout is linear in its input.
     dx_i = dxh[:, :k] + dxd
     dx = dx_i if dx is None else dx + dx_i
-    # Dead when the kernel is frozen (XLA drops it).
-    dkernels.append(jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(kernels[i].dtype))
-    offset += r
   if kernel_da:
-    from idmp_jax.models import pallas_lora
-    da = pallas_lora.down_grad(xh, jnp.stack(dhs), rate, seed, k=k, interpret=KERNELS == "interpret")
+    interpret = KERNELS == "interpret"
+    da = pallas_lora.down_grad(xh, jnp.stack(dhs), rate, seed, k=k, interpret=interpret)
     da = [da[i].astype(a[i].dtype) for i in range(len(a))]
+    if kernel_dx:
+      dx = pallas_lora.up_grad(tuple(dxhs), jnp.stack(a), rate, seed, scale, k=k, interpret=interpret)
   dkernels, da, db = tuple(dkernels), tuple(da), tuple(db)
   zeros = lambda t: tuple(jnp.zeros_like(v) for v in t)
   return (dx, dkernels, da, db, zeros(scale), zeros(rate),

@@ -10,6 +10,8 @@ Here:
   `down`       x -> [x | h_1 | ... | h_n]: one read of x, one write of the result, the n masks made per tile.
   `down_grad`  (x, dh_1..n) -> dA_1..n: one read of x (from [x | h...]) and of the dh's, the masks made again;
                nothing of dropout(x) is kept between the passes.
+  `up_grad`    ([dy_i W_i^T | dy_i B_i^T])_i -> dx = sum_i dy_i W_i^T + dropout_i(dh_i A_i^T): one read of each,
+               one write of dx (for adapters sharing x, `UP_GRAD_MIN_ADAPTERS`).
 
 The masks are `lora._apply_dropout`'s: one hash per pair of elements (columns j and j + K/2 of a row), so one
 (block_m, 32) hash tile gives the masks of the tile's columns [c, c + 32) and [K/2 + c, K/2 + c + 32), which is why
@@ -36,6 +38,11 @@ BACKWARD_PROGRAMS = 2048
 # us against 132 for q/k/v; 2048 rows 112-160 against 61), above it wins (131072 x 320: 151 against 305 us;
 # 32768 x 640: 111 against 185), so `lora` takes it from this many rows.
 FORWARD_MIN_ROWS = 32768
+# `up_grad` (the backward's dx) for this many adapters sharing x and more, where `down` ran: it reads each
+# [dy W^T | dy B^T] once where XLA writes and reads back every dh A^T at full width. H200, b32
+# (lora_kernels_probe): q/k/v at 32768 x 640 188 us against XLA's 276, at 131072 x 320 327 against 326; one
+# adapter at 131072 x 320 192 against 175, hence not for one.
+UP_GRAD_MIN_ADAPTERS = 2
 # Only input widths measured against XLA (the UNet's 320-1280); LLaVA's 4096-wide projections stay on XLA's path.
 MAX_MEASURED_K = 1280
 
@@ -53,9 +60,9 @@ def supported(rows: int, k: int, r: int, n: int = 1) -> bool:
           and 1 <= n <= MAX_ADAPTERS and rows * (k // 2) < 2**32)
 
 
-def _dot(a, b, *, trans_a: bool = False):
-  """a @ b (a transposed if asked) with fp32 accumulation; fp32 operands at full precision (the tests' parity)."""
-  dims = (((0 if trans_a else 1,), (0,)), ((), ()))
+def _dot(a, b, *, trans_a: bool = False, trans_b: bool = False):
+  """a @ b (either transposed) with fp32 accumulation; fp32 operands at full precision (the tests' parity)."""
+  dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
   precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
   return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
@@ -131,6 +138,36 @@ def _down_grad_kernel(xh_ref, dh_ref, seed_ref, cut_ref, factor_ref, da_ref, *, 
     da_ref[i, hi, :] = accs[2 * i + 1]
 
 
+def _up_grad_kernel(*refs, k: int, n: int, bm: int):
+  # refs: n dxh_i (bm, K + r) = [dy_i W_i^T | dy_i B_i^T]; a_ref (n, K, r); the four scalar refs (n,); dx_ref (bm, K).
+  dxh_refs, (a_ref, seed_ref, cut_ref, factor_ref, scale_ref, dx_ref) = refs[:n], refs[n:]
+  half, r, dtype = k // 2, a_ref.shape[-1], dx_ref.dtype
+  row0 = pl.program_id(0) * bm
+  seeds = [seed_ref[i] for i in range(n)]
+  cuts = [cut_ref[i] for i in range(n)]
+  factors = [factor_ref[i].astype(dtype) for i in range(n)]
+  # dh_i = scale_i * dy_i B_i^T in the compute dtype, as the XLA path rounds it.
+  dhs = [dxh_refs[i][:, pl.ds(k, r)] * scale_ref[i].astype(dtype) for i in range(n)]
+
+  def body(c, carry):
+    col0 = pl.multiple_of(c * BLOCK_K, BLOCK_K)
+    lo, hi = pl.ds(col0, BLOCK_K), pl.ds(pl.multiple_of(half + col0, BLOCK_K), BLOCK_K)
+    pairs = _pairs(row0, bm, half, col0)
+    out_lo = out_hi = None
+    for i in range(n):  # dx = sum_i dy_i W_i^T + dropout_i(dh_i A_i^T), in the XLA path's order and dtype.
+      low, high = lora.keep_bits(pairs, seeds[i])
+      back_lo = _dot(dhs[i], a_ref[i, lo, :], trans_b=True).astype(dtype)
+      back_hi = _dot(dhs[i], a_ref[i, hi, :], trans_b=True).astype(dtype)
+      d_lo = dxh_refs[i][:, lo] + _masked(back_lo, low, cuts[i], factors[i])
+      d_hi = dxh_refs[i][:, hi] + _masked(back_hi, high, cuts[i], factors[i])
+      out_lo, out_hi = (d_lo, d_hi) if out_lo is None else (out_lo + d_lo, out_hi + d_hi)
+    dx_ref[:, lo] = out_lo.astype(dtype)
+    dx_ref[:, hi] = out_hi.astype(dtype)
+    return carry
+
+  jax.lax.fori_loop(0, half // BLOCK_K, body, 0)
+
+
 def _scalars(rates, seeds, scales=None):
   """Per-adapter (n,) arrays: mixed seed (uint32), cut (uint32), factor (fp32)[, scale (fp32)]."""
   cuts, factors = zip(*(lora.dropout_cut(rate) for rate in rates))
@@ -197,3 +234,31 @@ def down_grad(xh, dh, rates, seeds, *, k: int, interpret: bool = False, num_warp
       interpret=interpret, name="lora_down_grad",
   )(xh, dh.astype(xh.dtype), *_scalars(rates, seeds))
   return jnp.sum(da, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "interpret", "num_warps", "num_stages"))
+def up_grad(dxhs, a, rates, seeds, scales, *, k: int, interpret: bool = False, num_warps: int = 4,
+            num_stages: int = 2):
+  """dx = sum_i (dxh_i[:, :K] + dropout_i(scales[i] * dxh_i[:, K:] @ a[i]^T)) for the n adapters `down` served:
+  dxh_i (rows, K + r) = dy_i [W_i; B_i]^T (the backward's one GEMM per layer), a (n, K, r); the masks as `down`
+  drew them. One read of each dxh_i and one write of dx, where XLA writes each dh_i A_i^T at full width and reads
+  it back to mask and add it."""
+  n, _, r = a.shape
+  if len(dxhs) != n or len({tuple(d.shape) for d in dxhs}) != 1 or dxhs[0].ndim != 2 or dxhs[0].shape[1] != k + r:
+    raise ValueError(f"LoRA backward kernel: cotangents {[tuple(d.shape) for d in dxhs]} do not fit A {a.shape} "
+                     f"(n arrays of (rows, K + r), K = {k})")
+  rows = dxhs[0].shape[0]
+  _check((rows, k), a.shape, "backward")
+  bm = block_m(rows)
+  vec = pl.BlockSpec((n,), lambda i: (0,))
+  dtype = dxhs[0].dtype
+  return pl.pallas_call(
+      functools.partial(_up_grad_kernel, k=k, n=n, bm=bm),
+      grid=(rows // bm,),
+      in_specs=[pl.BlockSpec((bm, k + r), lambda i: (i, 0))] * n
+      + [pl.BlockSpec((n, k, r), lambda i: (0, 0, 0))] + [vec] * 4,
+      out_specs=pl.BlockSpec((bm, k), lambda i: (i, 0)),
+      out_shape=jax.ShapeDtypeStruct((rows, k), dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret, name="lora_up_grad",
+  )(*dxhs, a.astype(dtype), *_scalars(rates, seeds, scales))
