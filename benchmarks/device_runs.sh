@@ -27,8 +27,8 @@
 #       without CUDA graphs summed by model source
 #   bash benchmarks/device_runs.sh graphs      # on the GPU machine (carry .whl): the b32 step with XLA's CUDA graphs
 #       (command buffers, the default) and without them
-#   bash benchmarks/device_runs.sh flatten     # on the GPU machine (carry .whl): the b32 step with the optimizer
-#       flattened and per leaf, chains interleaved in one process
+#   bash benchmarks/device_runs.sh pair NAME   # on the GPU machine (carry .whl): train_step.py --ab NAME, a paired
+#       A/B of the b32 step in one process (flatten: the optimizer flattened or per leaf; dx: the adapters' dx kernel)
 #   bash benchmarks/device_runs.sh ab BASE [nocb]  # on the GPU machine (carry .whl, BASE): the b32 step of this tree
 #       and of BASE (git archive REV idmp_jax benchmarks configs), back to back; nocb: then this tree's step
 #       profiled without CUDA graphs (each kernel named by its HLO op) and summed by model source
@@ -167,11 +167,11 @@ case "$step" in
       benchmarks/train_step.py --kind unet --batch 32
     boxed 200 train_step_nographs env XLA_FLAGS="--xla_gpu_autotune_level=2 --xla_gpu_enable_command_buffer=" \
       python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 ;;
-  flatten)  # ~5 min
+  pair)  # ~4 min
     wheels || exit 1
     export XLA_FLAGS=--xla_gpu_autotune_level=2
-    boxed 400 train_step_flatten_ab python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
-      --flatten ab --rounds 8 ;;
+    boxed 400 "train_step_ab_$2" python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
+      --ab "$2" --rounds 8 ;;
   ab)  # ~3 min per step: an A/B of the b32 LoRA step against BASE's tree
     base="${2:?ab needs the BASE folder}"
     wheels || exit 1

@@ -211,10 +211,14 @@ def main():
   ap.add_argument("--frozen-layout", choices=["default", "auto"], default="default",
                   help="auto: the step compiled with the frozen weights' layouts left to XLA (Layout.AUTO), and the "
                   "weights put in them once (no per-step transposes of conv kernels to cuDNN's layout)")
-  ap.add_argument("--flatten", choices=["config", "on", "off", "ab"], default="config",
+  ap.add_argument("--flatten", choices=["config", "on", "off"], default="config",
                   help="the optimizer on the LoRA leaves concatenated (optax.flatten) or per leaf; config: as "
-                  "configs/rca.py sets it; ab: both, their pipelined chains interleaved in one process (--rounds)")
-  ap.add_argument("--rounds", type=int, default=6, help="--flatten ab: chains per variant, alternating")
+                  "configs/rca.py sets it")
+  ap.add_argument("--ab", choices=sorted(AB_VARIANTS), default="",
+                  help="a paired A/B of the unet step at the largest --batch: both variants compiled in this "
+                  "process, their pipelined chains interleaved (--rounds); flatten: the optimizer flattened or per "
+                  "leaf; dx: the adapters' dx kernel (pallas_lora.up_grad) on or off")
+  ap.add_argument("--rounds", type=int, default=6, help="--ab: chains per variant, alternating")
   ap.add_argument("--profile", default="", help="after timing, profile 3 steps into this folder and sum the "
                   "device kernels by kind (benchmarks/profile_summary.py)")
   args = ap.parse_args()
@@ -226,8 +230,8 @@ def main():
   models, trainable, frozen, ucfg = build(args.small, dtype, args.attention, args.remat)
   n_lora = lora.count(trainable)
   from configs import rca  # The job's own optimizer settings.
-  if args.flatten == "ab":
-    return flatten_ab(args, models, trainable, frozen, ucfg, dtype, res, batches)
+  if args.ab:
+    return paired_ab(args, models, trainable, frozen, ucfg, dtype, res, batches)
   opt_config = rca.get_config().optimizer
   if args.flatten != "config":
     opt_config.flatten = args.flatten == "on"
@@ -270,29 +274,44 @@ def main():
             f"{r['peak_bytes_in_use_gib']:>9} {r['compile_s']:>9}")
 
 
-def flatten_ab(args, models, trainable, frozen, ucfg, dtype, res, batches):
-  """The unet step with the optimizer flattened and per leaf, both compiled in this process, their pipelined
-  chains (each step dispatched before the last is awaited) alternating round by round: a paired A/B, free of the
-  2-3% by which the lent machines differ."""
+def _up_grad_min(n):
+  from idmp_jax.models import pallas_lora
+  pallas_lora.UP_GRAD_MIN_ADAPTERS = n
+
+
+# --ab NAME: {variant name: (optimizer flatten, setup run before tracing that variant's step)}.
+AB_VARIANTS = {
+    "flatten": {"flat": (True, lambda: None), "tree": (False, lambda: None)},
+    "dx": {"dx_kernel": (None, lambda: _up_grad_min(2)), "dx_xla": (None, lambda: _up_grad_min(99))},
+}
+
+
+def paired_ab(args, models, trainable, frozen, ucfg, dtype, res, batches):
+  """Two variants of the unet step, both compiled in this process, their pipelined chains (each step dispatched
+  before the last is awaited) alternating round by round: a paired A/B, free of the 2-3% by which the lent
+  machines differ."""
   from configs import rca
   b = max(batches)
   batch = jax.device_put(batch_for("unet", b, res, ucfg, dtype, np.random.default_rng(0)))
   variants = {}
-  for flat in (True, False):
+  for name, (flat, setup) in AB_VARIANTS[args.ab].items():
+    setup()  # Module switches are read when the step is traced, i.e. by lower() below.
     opt_config = rca.get_config().optimizer
-    opt_config.flatten = flat
+    if flat is not None:
+      opt_config.flatten = flat
+    flat = opt_config.get("flatten", False)
     tx, schedule = optim.make_optimizer(opt_config, 2884)
     state = diffusion.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(0))
     t0 = time.perf_counter()
     step = jax.jit(unet_only_step(models, tx, schedule, flat), donate_argnums=0).lower(state, frozen, batch).compile()
-    print(f"flatten={flat}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     for _ in range(3):
       state, out = step(state, frozen, batch)
     jax.block_until_ready(out)
-    variants[flat] = [step, state, []]
+    variants[name] = [step, state, [], float(out["loss"])]
   for _ in range(args.rounds):
-    for flat, v in variants.items():
-      step, state, chains = v
+    for v in variants.values():
+      step, state, chains = v[:3]
       t0 = time.perf_counter()
       last = None
       for _ in range(args.steps):
@@ -303,12 +322,13 @@ def flatten_ab(args, models, trainable, frozen, ucfg, dtype, res, batches):
       jax.block_until_ready(out)
       chains.append((time.perf_counter() - t0) / args.steps)
       v[1] = state
-  on, off = (variants[f][2] for f in (True, False))
-  row = dict(kind="unet", batch=b, flatten_ab=True, device=jax.devices()[0].device_kind, steps=args.steps,
-             flat_ms=[round(x * 1e3, 2) for x in on], tree_ms=[round(x * 1e3, 2) for x in off],
-             flat_median_ms=round(statistics.median(on) * 1e3, 2),
-             tree_median_ms=round(statistics.median(off) * 1e3, 2),
-             paired_diff_median_ms=round(statistics.median(a - c for a, c in zip(on, off)) * 1e3, 2))
+  (a, va), (c, vc) = variants.items()
+  row = dict(kind="unet", batch=b, ab=args.ab, device=jax.devices()[0].device_kind, steps=args.steps,
+             **{f"{n}_ms": [round(x * 1e3, 2) for x in v[2]] for n, v in variants.items()},
+             **{f"{n}_median_ms": round(statistics.median(v[2]) * 1e3, 2) for n, v in variants.items()},
+             **{f"{n}_first_loss": v[3] for n, v in variants.items()},
+             paired_diff_median_ms=round(statistics.median(x - y for x, y in zip(va[2], vc[2])) * 1e3, 2),
+             diff_is=f"{a} - {c}")
   print(json.dumps(row), flush=True)
   return row
 
