@@ -29,6 +29,7 @@
 #       (command buffers, the default) and without them
 #   bash benchmarks/device_runs.sh pair NAME   # on the GPU machine (carry .whl): train_step.py --ab NAME, a paired
 #       A/B of the b32 step in one process (flatten: the optimizer flattened or per leaf; dx: the adapters' dx kernel)
+#   bash benchmarks/device_runs.sh long        # on the GPU machine (carry .whl): the b16 and b32 step, 30-step chains
 #   bash benchmarks/device_runs.sh ab BASE [nocb]  # on the GPU machine (carry .whl, BASE): the b32 step of this tree
 #       and of BASE (git archive REV idmp_jax benchmarks configs), back to back; nocb: then this tree's step
 #       profiled without CUDA graphs (each kernel named by its HLO op) and summed by model source
@@ -172,6 +173,11 @@ case "$step" in
     export XLA_FLAGS=--xla_gpu_autotune_level=2
     boxed 400 "train_step_ab_$2" python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
       --ab "$2" --rounds 8 ;;
+  long)  # ~5 min: the b16 and b32 step, 30-step pipelined chains (the training loop's steady state: a 10-step
+    # chain carries ~0.5 ms a step of its first dispatch)
+    wheels || exit 1
+    export XLA_FLAGS=--xla_gpu_autotune_level=2
+    boxed 400 train_step_long python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 16 32 --steps 30 ;;
   ab)  # ~3 min per step: an A/B of the b32 LoRA step against BASE's tree
     base="${2:?ab needs the BASE folder}"
     wheels || exit 1
