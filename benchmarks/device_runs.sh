@@ -30,6 +30,8 @@
 #   bash benchmarks/device_runs.sh pair NAME   # on the GPU machine (carry .whl): train_step.py --ab NAME, a paired
 #       A/B of the b32 step in one process (flatten: the optimizer flattened or per leaf; dx: the adapters' dx kernel)
 #   bash benchmarks/device_runs.sh long        # on the GPU machine (carry .whl): the b16 and b32 step, 30-step chains
+#   bash benchmarks/device_runs.sh rates       # on the GPU machine (carry .whl): the b32 step's profile without CUDA
+#       graphs by source, and each kernel's distance from a hardware rate (profile_rates.py)
 #   bash benchmarks/device_runs.sh ab BASE [nocb]  # on the GPU machine (carry .whl, BASE): the b32 step of this tree
 #       and of BASE (git archive REV idmp_jax benchmarks configs), back to back; nocb: then this tree's step
 #       profiled without CUDA graphs (each kernel named by its HLO op) and summed by model source
@@ -178,6 +180,15 @@ case "$step" in
     wheels || exit 1
     export XLA_FLAGS=--xla_gpu_autotune_level=2
     boxed 400 train_step_long python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 16 32 --steps 30 ;;
+  rates)  # ~3.5 min: the b32 step profiled without CUDA graphs, summed by source and by distance from a hardware
+    # rate (benchmarks/profile_rates.py)
+    wheels || exit 1
+    XLA_FLAGS="--xla_gpu_autotune_level=2 --xla_gpu_enable_command_buffer=" boxed 220 train_step_nocb_profile \
+      python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 --steps 3 --profile /tmp/step_profile
+    trace="$(find /tmp/step_profile -name perfetto_trace.json.gz | head -1)"
+    boxed 60 profile_rates python3 benchmarks/profile_rates.py "$trace" /tmp/step_profile/unet/b32/step.hlo.txt
+    gzip -c /tmp/step_profile/unet/b32/step.hlo.txt > "${OUT:-/tmp}/step.hlo.txt.gz"
+    cp "$trace" "${OUT:-/tmp}/" ;;
   ab)  # ~3 min per step: an A/B of the b32 LoRA step against BASE's tree
     base="${2:?ab needs the BASE folder}"
     wheels || exit 1
