@@ -113,6 +113,8 @@ def rates(trace_path: str, hlo_path: str, steps: int, bandwidth_tbs: float) -> d
     # Each instruction runs once a step (no loops in these steps), whatever number of kernels it launches.
     if c["convolution"]:
       convs.append((us, conv_flops(inst) / (us * 1e6), where))
+    elif "fmha" in inst["target"]:  # cuDNN attention: some of its kernels have GEMM-like names.
+      continue
     elif c["matmul"]:
       nbytes = _nbytes(inst["out"]) + sum(_nbytes(s) for s in inst["operands"])
       gemms.append((us, matmul_flops(inst) / (us * 1e6), nbytes / (us * 1e6), where))
