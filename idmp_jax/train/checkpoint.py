@@ -49,8 +49,17 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, data_iterator) -> Any:
     """The state at `step` (laid out like `abstract_state`); `data_iterator` is set to its saved position."""
-    restored = self.manager.restore(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    try:
+      restored = self.manager.restore(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    except ValueError as e:
+      if "do not match" not in str(e):
+        raise
+      raise ValueError(
+          f"checkpoint {self.directory}/{int(step)}: its train state is shaped differently from this run's "
+          f"({str(e).splitlines()[0]}). A config change that reshapes the state (optimizer.flatten, the LoRA rank "
+          "or targets) cannot resume a run written before it: use a fresh workdir, or the settings it was "
+          "written with.") from e
     return restored.state
 
   def wait(self) -> None:
