@@ -140,7 +140,7 @@ def run(config, workdir: str, mesh):
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   parallel.log_param_shardings(frozen, "frozen weights")
   parallel.log_param_shardings(state, "LoRA weights and optimizer state")
-  train_step = jax.jit(diffusion.make_train_step(models, tx, schedule, flat=config.optimizer.get("flatten", False)),
+  train_step = jax.jit(diffusion.make_train_step(models, tx, schedule, flat=optim.flattened(config.optimizer)),
                        donate_argnums=(0,),
                        out_shardings=(state_sharding, replicated))
   eval_step = jax.jit(diffusion.make_eval_step(models), out_shardings=replicated)

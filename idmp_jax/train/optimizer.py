@@ -60,13 +60,18 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int | None = None,
   chain.append(optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
                            weight_decay=config.weight_decay))
   tx = optax.chain(*chain)
-  if config.get("flatten", False):
+  if flattened(config):
     # The same math on the leaves concatenated into one vector. The SD-2 UNet's LoRA tree has 256 small leaves
     # (3.3M weights): per leaf, the norm's reductions and AdamW's updates were ~560 tiny kernels a step (~1 ms
     # of kernels at b32 on an H200, plus a launch each). Only for replicated trees: a concatenation of sharded
     # leaves would gather them (the LLaVA job shards its adapters' moments like the base).
     tx = optax.flatten(tx)
   return tx, schedule
+
+
+def flattened(config) -> bool:
+  """Whether `make_optimizer(config, ...)` flattens: the step's `flat` (`state.make_train_step`) must agree."""
+  return bool(config.get("flatten", False))
 
 
 def global_norm(tree, flat: bool = False) -> jax.Array:

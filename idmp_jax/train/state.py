@@ -35,9 +35,9 @@ def init_state(params, optimizer: optax.GradientTransformation, rng) -> TrainSta
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, schedule: Callable, *,
                     flat: bool = False):
-  """(state, frozen, batch) -> (state, metrics): loss, grad_norm (before clipping; `optimizer.global_norm`, flat
-  when the optimizer is flattened), lr of this step, and the loss's counts. A non-finite loss or gradient leaves params and optimizer state as they were (the loop stops on
-  it; the guard only keeps the in-memory state clean)."""
+  """(state, frozen, batch) -> (state, metrics): loss, grad_norm (before clipping; `optimizer.global_norm`, `flat`
+  when the optimizer is flattened), lr of this step, and the loss's counts. A non-finite loss or gradient leaves
+  params and optimizer state as they were (the loop stops on it; the guard only keeps the in-memory state clean)."""
 
   def step(state: TrainState, frozen, batch):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
