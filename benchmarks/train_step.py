@@ -12,9 +12,10 @@ Two step kinds, timed separately:
         images at 512 px), CLIP-H text encoder, then the above.
 Weights are frozen bf16, LoRA r16 fp32 with fp32 AdamW state, dropout 0.05 on, as in configs/rca.py. Timing: 3
 warm-up steps, then the median of --steps timed steps (block_until_ready on each: host dispatch included), and
-"pipelined": the median over 3 chains of --steps steps of each chain's mean step time, each step dispatched before
-the previous step's output is awaited, as the training loop runs (its metrics are read one step late). Memory: the executable's own
-estimate (XLA memory_analysis: arguments + outputs + temporaries - aliased) and the process's peak_bytes_in_use
+"pipelined": the median over 3 chains of --steps steps of each chain's mean step time, each step dispatched
+before the previous step's output is awaited, as the training loop runs (its metrics are read one step late).
+--ab NAME: a paired A/B of two variants compiled in one process, their chains interleaved. Memory: the
+executable's own estimate (XLA memory_analysis: arguments + outputs + temporaries - aliased) and the process's peak_bytes_in_use
 so far (device memory_stats; monotone over the run, so configs run small to large).
 Prints one JSON line per config and a table.
 """
@@ -136,6 +137,20 @@ def batch_for(kind, b, res, ucfg, dtype, rng):
               token_region=tr, region_masks=rm)
 
 
+def pipelined_chain(step, state, frozen, batch, steps: int):
+  """(state, last output, mean seconds a step) of `steps` steps, each dispatched before the previous one's output is
+  awaited, as the training loop runs them (idmp_jax.train.loop.StepMetrics reads metrics one step late)."""
+  t0 = time.perf_counter()
+  last = out = None
+  for _ in range(steps):
+    state, out = step(state, frozen, batch)
+    if last is not None:
+      jax.block_until_ready(last)
+    last = out
+  jax.block_until_ready(out)
+  return state, out, (time.perf_counter() - t0) / steps
+
+
 def measure(step, state, frozen, batch, steps: int, b: int, profile_dir: str = "", frozen_layout: str = "default"):
   if frozen_layout == "auto":  # XLA picks the frozen weights' layouts; they are put in them once, before timing.
     lowered = step.lower(state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen), batch)
@@ -165,15 +180,8 @@ def measure(step, state, frozen, batch, steps: int, b: int, profile_dir: str = "
   # one's metrics are read, so the host's dispatch of a step overlaps the device's work on the one before.
   chains = []
   for _ in range(3):
-    t0 = time.perf_counter()
-    last = None
-    for _ in range(steps):
-      state, out = compiled(state, frozen, batch)
-      if last is not None:
-        jax.block_until_ready(last)
-      last = out
-    jax.block_until_ready(out)
-    chains.append((time.perf_counter() - t0) / steps)
+    state, out, seconds = pipelined_chain(compiled, state, frozen, batch, steps)
+    chains.append(seconds)
   pipelined = statistics.median(chains)
   peak = peak_memory_gib()
   row = dict(compile_s=round(compile_s, 1), step_ms=round(med * 1e3, 2), img_per_s=round(b / med, 1),
@@ -235,7 +243,7 @@ def main():
   opt_config = rca.get_config().optimizer
   if args.flatten != "config":
     opt_config.flatten = args.flatten == "on"
-  flat = opt_config.get("flatten", False)
+  flat = optim.flattened(opt_config)
   tx, schedule = optim.make_optimizer(opt_config, 2884)
   frozen_formats = None
   if args.frozen_layout == "auto":
@@ -299,7 +307,7 @@ def paired_ab(args, models, trainable, frozen, ucfg, dtype, res, batches):
     opt_config = rca.get_config().optimizer
     if flat is not None:
       opt_config.flatten = flat
-    flat = opt_config.get("flatten", False)
+    flat = optim.flattened(opt_config)
     tx, schedule = optim.make_optimizer(opt_config, 2884)
     state = diffusion.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(0))
     t0 = time.perf_counter()
@@ -311,17 +319,8 @@ def paired_ab(args, models, trainable, frozen, ucfg, dtype, res, batches):
     variants[name] = [step, state, [], float(out["loss"])]
   for _ in range(args.rounds):
     for v in variants.values():
-      step, state, chains = v[:3]
-      t0 = time.perf_counter()
-      last = None
-      for _ in range(args.steps):
-        state, out = step(state, frozen, batch)
-        if last is not None:
-          jax.block_until_ready(last)
-        last = out
-      jax.block_until_ready(out)
-      chains.append((time.perf_counter() - t0) / args.steps)
-      v[1] = state
+      v[1], _, seconds = pipelined_chain(v[0], v[1], frozen, batch, args.steps)
+      v[2].append(seconds)
   (a, va), (c, vc) = variants.items()
   row = dict(kind="unet", batch=b, ab=args.ab, device=jax.devices()[0].device_kind, steps=args.steps,
              **{f"{n}_ms": [round(x * 1e3, 2) for x in v[2]] for n, v in variants.items()},
