@@ -225,7 +225,8 @@ def main():
   ap.add_argument("--ab", choices=sorted(AB_VARIANTS), default="",
                   help="a paired A/B of the unet step at the largest --batch: both variants compiled in this "
                   "process, their pipelined chains interleaved (--rounds); flatten: the optimizer flattened or per "
-                  "leaf; dx: the adapters' dx kernel (pallas_lora.up_grad) on or off")
+                  "leaf; dx: the adapters' dx kernel (pallas_lora.up_grad) on or off; norm: the residual LayerNorm's "
+                  "kernels (pallas_norm) or XLA")
   ap.add_argument("--rounds", type=int, default=6, help="--ab: chains per variant, alternating")
   ap.add_argument("--profile", default="", help="after timing, profile 3 steps into this folder and sum the "
                   "device kernels by kind (benchmarks/profile_summary.py)")
@@ -287,10 +288,16 @@ def _up_grad_min(n):
   pallas_lora.UP_GRAD_MIN_ADAPTERS = n
 
 
+def _norm_kernels(mode):
+  from idmp_jax.models import layers
+  layers.NORM_KERNELS = mode
+
+
 # --ab NAME: {variant name: (optimizer flatten, setup run before tracing that variant's step)}.
 AB_VARIANTS = {
     "flatten": {"flat": (True, lambda: None), "tree": (False, lambda: None)},
     "dx": {"dx_kernel": (None, lambda: _up_grad_min(2)), "dx_xla": (None, lambda: _up_grad_min(99))},
+    "norm": {"norm_kernels": (None, lambda: _norm_kernels("auto")), "norm_xla": (None, lambda: _norm_kernels("xla"))},
 }
 
 

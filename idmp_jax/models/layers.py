@@ -148,6 +148,12 @@ def _normalize_fwd(x, scale, bias, axes, eps, silu, dtype):
 
 
 def _normalize_bwd(axes, eps, silu, dtype, res, g):
+  return _normalize_grads(axes, silu, dtype, res, g)
+
+
+def _normalize_grads(axes, silu, dtype, res, g, skip=None):
+  """(dx, dscale, dbias) of `normalize` for its output's cotangent g; `skip` (x's shape), a cotangent of x from
+  another use, is added to dx in fp32 before the one rounding."""
   x, scale, bias, mean, rstd = res
   xhat = (x.astype(jnp.float32) - mean) * rstd
   dy = g.astype(jnp.float32)
@@ -162,10 +168,78 @@ def _normalize_bwd(axes, eps, silu, dtype, res, g):
   m1 = _mean(dxhat, axes)
   m2 = _mean(dxhat * xhat, axes)
   dx = rstd * (dxhat - m1 - xhat * m2)
+  if skip is not None:
+    dx = dx + skip.astype(jnp.float32)
   return dx.astype(x.dtype), dscale, dbias
 
 
 normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+# Where `residual_layer_norm` runs: "auto" = `pallas_norm`'s kernels on a Triton GPU for the shapes they take, XLA
+# elsewhere; "xla" = always XLA; "interpret" = the kernels interpreted (the tests, on the CPU). Read when traced.
+NORM_KERNELS = "auto"
+
+
+def _norm_kernels(rows: int, c: int) -> bool:
+  if NORM_KERNELS == "xla":
+    return False
+  if NORM_KERNELS not in ("auto", "interpret"):
+    raise ValueError(f"layers.NORM_KERNELS = {NORM_KERNELS!r}: expected 'auto', 'xla' or 'interpret'")
+  from idmp_jax.models import attention, pallas_norm  # Local: Pallas only where it is used.
+  if not (pallas_norm.supported(rows, c) and pallas_norm.block_rows(rows, c)):
+    return False
+  return NORM_KERNELS == "interpret" or attention.triton_gpu()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def residual_layer_norm(x, delta, scale, bias, eps: float):
+  """(h, y): h = x + delta in x's dtype (x itself when delta is None), y = LayerNorm(h) over the last axis (fp32
+  statistics, `normalize`'s math) in x's dtype: the transformer block's residual stream and the norm that reads it.
+
+  Why one op: its backward receives h's cotangent (from the stream's later uses) together with y's and writes
+  x's gradient, dh + LN'(h)^T dy, in one pass; delta's is the same array. On a Triton GPU both directions are
+  `pallas_norm`'s kernels (the forward writes h and y in one pass where XLA took three kernels)."""
+  return _residual_layer_norm_fwd(x, delta, scale, bias, eps)[0]
+
+
+def _residual_layer_norm_fwd(x, delta, scale, bias, eps):
+  shape, c = x.shape, x.shape[-1]
+  rows = math.prod(shape[:-1])
+  if delta is not None and delta.shape != shape:
+    raise ValueError(f"residual_layer_norm: delta {delta.shape} is not the stream's shape {shape}")
+  if _norm_kernels(rows, c):
+    from idmp_jax.models import pallas_norm
+    h, y, mean, rstd = pallas_norm.forward(x.reshape(rows, c), None if delta is None else delta.reshape(rows, c),
+                                           scale, bias, eps=eps, interpret=NORM_KERNELS == "interpret")
+    h = x if h is None else h.reshape(shape)
+    mean, rstd = mean.reshape(*shape[:-1], 1), rstd.reshape(*shape[:-1], 1)
+    y = y.reshape(shape)
+  else:
+    h = x if delta is None else x + delta.astype(x.dtype)
+    mean, rstd = _normalize_fwd_stats(h.astype(jnp.float32), (x.ndim - 1,), eps)
+    y = _affine_act((h.astype(jnp.float32) - mean) * rstd, scale, bias, False, x.dtype)[0]
+  # The last residual says, by its pytree structure alone, whether there was a delta to give a gradient.
+  return (h, y), (h, scale, bias, mean, rstd, None if delta is None else ())
+
+
+def _residual_layer_norm_bwd(eps, res, cotangents):
+  h, scale, bias, mean, rstd, had_delta = res
+  dh, dy = cotangents
+  shape, c = h.shape, h.shape[-1]
+  rows = math.prod(shape[:-1])
+  if _norm_kernels(rows, c):
+    from idmp_jax.models import pallas_norm
+    dx = pallas_norm.backward(h.reshape(rows, c), dy.reshape(rows, c), dh.reshape(rows, c), mean.reshape(rows),
+                              rstd.reshape(rows), scale, interpret=NORM_KERNELS == "interpret").reshape(shape)
+    # The affine parameters' gradients as XLA expressions: dead (and dropped) when they are frozen.
+    _, dscale, dbias = _normalize_grads((h.ndim - 1,), False, h.dtype, (h, scale, bias, mean, rstd), dy)
+  else:
+    dx, dscale, dbias = _normalize_grads((h.ndim - 1,), False, h.dtype, (h, scale, bias, mean, rstd), dy, skip=dh)
+  return dx, (None if had_delta is None else dx), dscale, dbias
+
+
+residual_layer_norm.defvjp(_residual_layer_norm_fwd, _residual_layer_norm_bwd)
 
 
 def _normal_cdf(x):
@@ -242,11 +316,19 @@ class LayerNorm(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, delta=None, *, residual: bool = False):
+    """LayerNorm(x); with `residual`, (h, LayerNorm(h)) for the stream h = x + delta (x when delta is None), as
+    `residual_layer_norm` (its backward adds h's cotangent into x's gradient in the same pass), in x's dtype."""
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype) if self.use_scale else None
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype) if self.use_bias else None
-    return normalize(x, scale, bias, (x.ndim - 1,), self.epsilon, False, self.dtype)
+    if not residual:
+      if delta is not None:
+        raise ValueError("LayerNorm: delta is only taken with residual=True")
+      return normalize(x, scale, bias, (x.ndim - 1,), self.epsilon, False, self.dtype)
+    return residual_layer_norm(x.astype(self.dtype), None if delta is None else delta.astype(self.dtype),
+                               jnp.ones((c,), self.param_dtype) if scale is None else scale,
+                               jnp.zeros((c,), self.param_dtype) if bias is None else bias, self.epsilon)
 
 
 def upsample_nearest_2x(x):

@@ -204,10 +204,13 @@ class BasicTransformerBlock(nn.Module):
     dim_head = self.dim // self.heads
     attn = lambda name: Attention(self.heads, dim_head, upcast=self.upcast, implementation=self.attention_impl,
                                   dtype=self.dtype, name=name)
-    x = x + attn("attn1")(LayerNorm(dtype=self.dtype, name="norm1")(x))
-    x = x + attn("attn2")(LayerNorm(dtype=self.dtype, name="norm2")(x), context, mask=cross_mask)
-    x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(LayerNorm(dtype=self.dtype, name="norm3")(x))
-    return x
+    norm = lambda name: LayerNorm(dtype=self.dtype, name=name)
+    # x = x + attn1(norm1(x)); x = x + attn2(norm2(x)); x = x + ff(norm3(x)), each residual add done by the norm
+    # that reads its sum (`layers.residual_layer_norm`: one pass forward and backward on the GPU).
+    x, y = norm("norm1")(x, residual=True)
+    x, y = norm("norm2")(x, attn("attn1")(y), residual=True)
+    x, y = norm("norm3")(x, attn("attn2")(y, context, mask=cross_mask), residual=True)
+    return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(y)
 
 
 class Transformer2DModel(nn.Module):
