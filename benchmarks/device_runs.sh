@@ -29,8 +29,8 @@
 #       (command buffers, the default) and without them
 #   bash benchmarks/device_runs.sh pair NAME   # on the GPU machine (carry .whl): train_step.py --ab NAME, a paired
 #       A/B of the b32 step in one process (flatten: the optimizer flattened or per leaf; dx: the adapters' dx kernel)
-#   bash benchmarks/device_runs.sh norm        # on the GPU machine (carry .whl): the residual LayerNorm's kernels
-#       alone against XLA (norm_kernels_probe.py), then train_step.py --ab norm
+#   bash benchmarks/device_runs.sh norm [AB]   # on the GPU machine (carry .whl): the residual LayerNorm's kernels
+#       alone against XLA (norm_kernels_probe.py), then train_step.py --ab AB (default norm)
 #   bash benchmarks/device_runs.sh long        # on the GPU machine (carry .whl): the b16 and b32 step, 30-step chains
 #   bash benchmarks/device_runs.sh rates       # on the GPU machine (carry .whl): the b32 step's profile without CUDA
 #       graphs by source, and each kernel's distance from a hardware rate (profile_rates.py)
@@ -178,11 +178,12 @@ case "$step" in
     boxed 400 "train_step_ab_$2" python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
       --ab "$2" --rounds 8 ;;
   norm)  # ~6 min: the residual LayerNorm's kernels alone against XLA (tilings), then the b32 step's paired A/B
+    # (train_step.py --ab ${2:-norm})
     wheels || exit 1
     export XLA_FLAGS=--xla_gpu_autotune_level=2
     boxed 150 norm_kernels python3 -X faulthandler benchmarks/norm_kernels_probe.py
-    boxed 330 train_step_ab_norm python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
-      --ab norm --rounds 8 ;;
+    boxed 330 "train_step_ab_${2:-norm}" python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
+      --ab "${2:-norm}" --rounds 8 ;;
   long)  # ~5 min: the b16 and b32 step, 30-step pipelined chains (the training loop's steady state: a 10-step
     # chain carries ~0.5 ms a step of its first dispatch)
     wheels || exit 1

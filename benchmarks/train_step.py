@@ -151,20 +151,37 @@ def pipelined_chain(step, state, frozen, batch, steps: int):
   return state, out, (time.perf_counter() - t0) / steps
 
 
-def measure(step, state, frozen, batch, steps: int, b: int, profile_dir: str = "", frozen_layout: str = "default"):
-  if frozen_layout == "auto":  # XLA picks the frozen weights' layouts; they are put in them once, before timing.
+def compile_with_layouts(step, state, frozen, batch, frozen_layout: str = "default"):
+  """(compiled step, the frozen tree it takes): with frozen_layout "auto" the step is compiled with `Layout.AUTO`
+  for the frozen weights (`step` jitted with those in_shardings) and the weights are put in XLA's chosen layouts
+  once, here."""
+  if frozen_layout == "auto":
     lowered = step.lower(state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen), batch)
   else:
     lowered = step.lower(state, frozen, batch)
-  t0 = time.perf_counter()
   compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
   if frozen_layout == "auto":
     formats = compiled.input_formats[0][1]
     pairs = zip(jax.tree.leaves(formats), jax.tree.leaves(frozen))
     changed = sum(f.layout is not None and f.layout.major_to_minor != tuple(range(x.ndim)) for f, x in pairs)
     print(f"frozen layouts: {changed} of {len(jax.tree.leaves(frozen))} arrays not row-major", flush=True)
     frozen = jax.device_put(frozen, formats)
+  return compiled, frozen
+
+
+def jit_step(fn, frozen, frozen_layout: str = "default"):
+  """fn(state, frozen, batch) jitted with the state donated; with frozen_layout "auto", the frozen weights' layouts
+  left to XLA (`Layout.AUTO`; see `compile_with_layouts`)."""
+  if frozen_layout != "auto":
+    return jax.jit(fn, donate_argnums=0)
+  from jax.experimental.layout import Format, Layout
+  return jax.jit(fn, donate_argnums=0, in_shardings=(None, jax.tree.map(lambda _: Format(Layout.AUTO), frozen), None))
+
+
+def measure(step, state, frozen, batch, steps: int, b: int, profile_dir: str = "", frozen_layout: str = "default"):
+  t0 = time.perf_counter()
+  compiled, frozen = compile_with_layouts(step, state, frozen, batch, frozen_layout)
+  compile_s = time.perf_counter() - t0
   estimate = executable_gib(compiled)
   for _ in range(3):
     state, out = compiled(state, frozen, batch)
@@ -226,7 +243,7 @@ def main():
                   help="a paired A/B of the unet step at the largest --batch: both variants compiled in this "
                   "process, their pipelined chains interleaved (--rounds); flatten: the optimizer flattened or per "
                   "leaf; dx: the adapters' dx kernel (pallas_lora.up_grad) on or off; norm: the residual LayerNorm's "
-                  "kernels (pallas_norm) or XLA")
+                  "kernels (pallas_norm) or XLA; layout: the frozen weights in XLA's chosen layouts or row-major")
   ap.add_argument("--rounds", type=int, default=6, help="--ab: chains per variant, alternating")
   ap.add_argument("--profile", default="", help="after timing, profile 3 steps into this folder and sum the "
                   "device kernels by kind (benchmarks/profile_summary.py)")
@@ -246,12 +263,7 @@ def main():
     opt_config.flatten = args.flatten == "on"
   flat = optim.flattened(opt_config)
   tx, schedule = optim.make_optimizer(opt_config, 2884)
-  frozen_formats = None
-  if args.frozen_layout == "auto":
-    from jax.experimental.layout import Format, Layout
-    frozen_formats = (None, jax.tree.map(lambda _: Format(Layout.AUTO), frozen), None)
-  jit = lambda fn: jax.jit(fn, donate_argnums=0, in_shardings=frozen_formats) if frozen_formats else jax.jit(
-      fn, donate_argnums=0)
+  jit = lambda fn: jit_step(fn, frozen, args.frozen_layout)
   steps = {"unet": jit(unet_only_step(models, tx, schedule, flat)),
            "full": jit(diffusion.make_train_step(models, tx, schedule, flat=flat))}
   rng = np.random.default_rng(0)
@@ -293,11 +305,18 @@ def _norm_kernels(mode):
   layers.NORM_KERNELS = mode
 
 
-# --ab NAME: {variant name: (optimizer flatten, setup run before tracing that variant's step)}.
+def _none():
+  pass
+
+
+# --ab NAME: {variant name: (optimizer flatten, setup run before tracing that variant's step, frozen layout)}.
 AB_VARIANTS = {
-    "flatten": {"flat": (True, lambda: None), "tree": (False, lambda: None)},
-    "dx": {"dx_kernel": (None, lambda: _up_grad_min(2)), "dx_xla": (None, lambda: _up_grad_min(99))},
-    "norm": {"norm_kernels": (None, lambda: _norm_kernels("auto")), "norm_xla": (None, lambda: _norm_kernels("xla"))},
+    "flatten": {"flat": (True, _none, "default"), "tree": (False, _none, "default")},
+    "dx": {"dx_kernel": (None, lambda: _up_grad_min(2), "default"),
+           "dx_xla": (None, lambda: _up_grad_min(99), "default")},
+    "norm": {"norm_kernels": (None, lambda: _norm_kernels("auto"), "default"),
+             "norm_xla": (None, lambda: _norm_kernels("xla"), "default")},
+    "layout": {"layout_auto": (None, _none, "auto"), "layout_default": (None, _none, "default")},
 }
 
 
@@ -309,7 +328,7 @@ def paired_ab(args, models, trainable, frozen, ucfg, dtype, res, batches):
   b = max(batches)
   batch = jax.device_put(batch_for("unet", b, res, ucfg, dtype, np.random.default_rng(0)))
   variants = {}
-  for name, (flat, setup) in AB_VARIANTS[args.ab].items():
+  for name, (flat, setup, frozen_layout) in AB_VARIANTS[args.ab].items():
     setup()  # Module switches are read when the step is traced, i.e. by lower() below.
     opt_config = rca.get_config().optimizer
     if flat is not None:
@@ -318,15 +337,16 @@ def paired_ab(args, models, trainable, frozen, ucfg, dtype, res, batches):
     tx, schedule = optim.make_optimizer(opt_config, 2884)
     state = diffusion.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(0))
     t0 = time.perf_counter()
-    step = jax.jit(unet_only_step(models, tx, schedule, flat), donate_argnums=0).lower(state, frozen, batch).compile()
+    step, its_frozen = compile_with_layouts(jit_step(unet_only_step(models, tx, schedule, flat), frozen, frozen_layout),
+                                            state, frozen, batch, frozen_layout)
     print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     for _ in range(3):
-      state, out = step(state, frozen, batch)
+      state, out = step(state, its_frozen, batch)
     jax.block_until_ready(out)
-    variants[name] = [step, state, [], float(out["loss"])]
+    variants[name] = [step, state, [], float(out["loss"]), its_frozen]
   for _ in range(args.rounds):
     for v in variants.values():
-      v[1], _, seconds = pipelined_chain(v[0], v[1], frozen, batch, args.steps)
+      v[1], _, seconds = pipelined_chain(v[0], v[1], v[4], batch, args.steps)
       v[2].append(seconds)
   (a, va), (c, vc) = variants.items()
   row = dict(kind="unet", batch=b, ab=args.ab, device=jax.devices()[0].device_kind, steps=args.steps,
