@@ -25,6 +25,9 @@ from jax.experimental.pallas import triton as plgpu
 MAX_CHANNELS = 2048
 # Elements of a program's (rows, padded channels) tile: rows per program = TILE // padded channels.
 TILE = 4096
+# The kernels `layers.residual_layer_norm` runs: chunked (whole power-of-two column chunks) or masked (one padded
+# tile per row block). Read when a step is traced.
+CHUNKED = False
 
 
 def padded(c: int) -> int:
