@@ -29,9 +29,9 @@ from idmp_jax.models import layers, pallas_norm  # noqa: E402
 SHAPES = ((131072, 320), (32768, 640), (8192, 1280), (2048, 1280))
 
 
-def config_tuple(text: str) -> tuple[int, int, bool]:
-  tile, warps, *chunked = text.split(",")
-  return int(tile), int(warps), chunked == ["c"]
+def config_tuple(text: str) -> tuple[int, int]:
+  tile, warps = (int(v) for v in text.split(","))
+  return tile, warps
 
 
 def main(argv=None):
@@ -39,11 +39,8 @@ def main(argv=None):
   p.add_argument("--small", action="store_true")
   p.add_argument("--buffers", type=int, default=4)
   p.add_argument("--iters", type=int, default=20)
-  p.add_argument("--configs", type=config_tuple, nargs="*",
-                 default=[(2048, 4, False), (4096, 8, False), (1024, 4, True), (2048, 4, True), (4096, 4, True),
-                          (4096, 8, True), (8192, 8, True)],
-                 help="Pallas configurations, each as 'T,W' or 'T,W,c': tile elements, num_warps, c = the chunked "
-                 "kernels (whole power-of-two column chunks, no masked columns)")
+  p.add_argument("--configs", type=config_tuple, nargs="*", default=[(2048, 4), (4096, 4), (4096, 8), (8192, 8)],
+                 help="Pallas (tile elements, num_warps) pairs, each as 'T,W'")
   args = p.parse_args(argv)
   rng = np.random.default_rng(0)
   shapes = ((64, 320), (32, 80)) if args.small else SHAPES
@@ -84,9 +81,9 @@ def main(argv=None):
               for h, dy, dh, m, r in ins]
 
     row("bwd", "xla", xla_bwd, bwd_in, 4)
-    for tile, warps, chunked in args.configs:
-      kw = dict(interpret=interpret, num_warps=warps, tile=tile, chunked=chunked)
-      name = f"pallas {tile},{warps}{',c' if chunked else ''}"
+    for tile, warps in args.configs:
+      kw = dict(interpret=interpret, num_warps=warps, tile=tile)
+      name = f"pallas {tile},{warps}"
       row("fwd+add", name,
           lambda xs: [pallas_norm.forward(x, d, scale, bias, eps=1e-5, **kw) for x, d in xs], xs, 4)
       row("fwd", name,

@@ -242,9 +242,9 @@ def main():
   ap.add_argument("--ab", choices=sorted(AB_VARIANTS), default="",
                   help="a paired A/B of the unet step at the largest --batch: both variants compiled in this "
                   "process, their pipelined chains interleaved (--rounds); flatten: the optimizer flattened or per "
-                  "leaf; dx: the adapters' dx kernel (pallas_lora.up_grad) on or off; norm: the residual LayerNorm's "
-                  "kernels (pallas_norm) or XLA; chunked: those kernels chunked or masked; layout: the frozen weights in "
-                  "XLA's chosen layouts or row-major")
+                  "leaf; dx: the adapters' dx kernel (pallas_lora.up_grad) on or off; norm: the residual "
+                  "LayerNorm's kernels (pallas_norm) or XLA; layout: the frozen weights in XLA's chosen layouts or "
+                  "row-major")
   ap.add_argument("--rounds", type=int, default=6, help="--ab: chains per variant, alternating")
   ap.add_argument("--profile", default="", help="after timing, profile 3 steps into this folder and sum the "
                   "device kernels by kind (benchmarks/profile_summary.py)")
@@ -306,12 +306,6 @@ def _norm_kernels(mode):
   layers.NORM_KERNELS = mode
 
 
-def _norm_chunked(on: bool):
-  from idmp_jax.models import layers, pallas_norm
-  layers.NORM_KERNELS = "auto"
-  pallas_norm.CHUNKED = on
-
-
 def _none():
   pass
 
@@ -323,8 +317,6 @@ AB_VARIANTS = {
            "dx_xla": (None, lambda: _up_grad_min(99), "default")},
     "norm": {"norm_kernels": (None, lambda: _norm_kernels("auto"), "default"),
              "norm_xla": (None, lambda: _norm_kernels("xla"), "default")},
-    "chunked": {"norm_chunked": (None, lambda: _norm_chunked(True), "default"),
-                "norm_masked": (None, lambda: _norm_chunked(False), "default")},
     "layout": {"layout_auto": (None, _none, "auto"), "layout_default": (None, _none, "default")},
 }
 

@@ -211,8 +211,7 @@ def _residual_layer_norm_fwd(x, delta, scale, bias, eps):
   if _norm_kernels(rows, c):
     from idmp_jax.models import pallas_norm
     h, y, mean, rstd = pallas_norm.forward(x.reshape(rows, c), None if delta is None else delta.reshape(rows, c),
-                                           scale, bias, eps=eps, interpret=NORM_KERNELS == "interpret",
-                                           chunked=pallas_norm.CHUNKED)
+                                           scale, bias, eps=eps, interpret=NORM_KERNELS == "interpret")
     h = x if h is None else h.reshape(shape)
     mean, rstd = mean.reshape(*shape[:-1], 1), rstd.reshape(*shape[:-1], 1)
     y = y.reshape(shape)
@@ -232,8 +231,7 @@ def _residual_layer_norm_bwd(eps, res, cotangents):
   if _norm_kernels(rows, c):
     from idmp_jax.models import pallas_norm
     dx = pallas_norm.backward(h.reshape(rows, c), dy.reshape(rows, c), dh.reshape(rows, c), mean.reshape(rows),
-                              rstd.reshape(rows), scale, interpret=NORM_KERNELS == "interpret",
-                              chunked=pallas_norm.CHUNKED).reshape(shape)
+                              rstd.reshape(rows), scale, interpret=NORM_KERNELS == "interpret").reshape(shape)
     # The affine parameters' gradients as XLA expressions: dead (and dropped) when they are frozen.
     _, dscale, dbias = _normalize_grads((h.ndim - 1,), False, h.dtype, (h, scale, bias, mean, rstd), dy)
   else:

@@ -25,9 +25,6 @@ from jax.experimental.pallas import triton as plgpu
 MAX_CHANNELS = 2048
 # Elements of a program's (rows, padded channels) tile: rows per program = TILE // padded channels.
 TILE = 4096
-# The kernels `layers.residual_layer_norm` runs: chunked (whole power-of-two column chunks) or masked (one padded
-# tile per row block). Read when a step is traced.
-CHUNKED = False
 
 
 def padded(c: int) -> int:
@@ -93,96 +90,41 @@ def _backward_kernel(h_ref, dy_ref, dh_ref, mean_ref, rstd_ref, scale_ref, dx_re
   plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=mask)
 
 
-def chunk_width(c: int) -> int:
-  """Columns per chunk for the chunked kernels: the largest power of two dividing C, at most 256 (0: below 32)."""
-  w = min(c & -c, 256)
-  return w if w >= 32 else 0
-
-
-def _chunked_forward_kernel(*refs, c: int, w: int, br: int, eps: float, has_delta: bool):
-  if has_delta:
-    x_ref, d_ref, scale_ref, bias_ref, h_ref, y_ref, mean_ref, rstd_ref = refs
-  else:
-    x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref = refs
-  rows = pl.ds(pl.program_id(0) * br, br)
-  hs = []
-  for j in range(c // w):
-    cols = pl.ds(j * w, w)
-    h = x_ref[rows, cols]
-    if has_delta:
-      h = (h.astype(jnp.float32) + d_ref[rows, cols].astype(jnp.float32)).astype(h.dtype)
-      h_ref[rows, cols] = h
-    hs.append(h.astype(jnp.float32))
-  mean = sum(jnp.sum(h, axis=1) for h in hs) / c
-  devs = [h - mean[:, None] for h in hs]
-  rstd = jax.lax.rsqrt(sum(jnp.sum(d * d, axis=1) for d in devs) / c + eps)
-  for j, dev in enumerate(devs):
-    cols = pl.ds(j * w, w)
-    y = dev * rstd[:, None] * scale_ref[cols].astype(jnp.float32)[None, :] + bias_ref[cols].astype(
-        jnp.float32)[None, :]
-    y_ref[rows, cols] = y.astype(y_ref.dtype)
-  mean_ref[rows] = mean
-  rstd_ref[rows] = rstd
-
-
-def _chunked_backward_kernel(h_ref, dy_ref, dh_ref, mean_ref, rstd_ref, scale_ref, dx_ref, *, c: int, w: int,
-                             br: int):
-  rows = pl.ds(pl.program_id(0) * br, br)
-  mean, rstd = mean_ref[rows], rstd_ref[rows]
-  xhats, gs = [], []
-  for j in range(c // w):
-    cols = pl.ds(j * w, w)
-    xhats.append((h_ref[rows, cols].astype(jnp.float32) - mean[:, None]) * rstd[:, None])
-    gs.append(dy_ref[rows, cols].astype(jnp.float32) * scale_ref[cols].astype(jnp.float32)[None, :])
-  m1 = sum(jnp.sum(g, axis=1) for g in gs) / c
-  m2 = sum(jnp.sum(g * xhat, axis=1) for g, xhat in zip(gs, xhats)) / c
-  for j, (g, xhat) in enumerate(zip(gs, xhats)):
-    cols = pl.ds(j * w, w)
-    dx = rstd[:, None] * (g - m1[:, None] - xhat * m2[:, None]) + dh_ref[rows, cols].astype(jnp.float32)
-    dx_ref[rows, cols] = dx.astype(dx_ref.dtype)
-
-
 def _check(x, what: str):
   if x.ndim != 2 or not supported(*x.shape) or not block_rows(*x.shape):
     raise ValueError(f"LayerNorm {what} kernel: input {x.shape} is not (rows, C) with C <= {MAX_CHANNELS}")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret", "num_warps", "tile", "chunked"))
-def forward(x, delta, scale, bias, *, eps: float, interpret: bool = False, num_warps: int = 4, tile: int = TILE,
-            chunked: bool = False):
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "num_warps", "tile"))
+def forward(x, delta, scale, bias, *, eps: float, interpret: bool = False, num_warps: int = 4, tile: int = TILE):
   """(h, y, mean, rstd) for x (rows, C) and delta (rows, C) or None: h = x + delta (None when delta is None), y =
   (h - mean) * rstd * scale + bias in x's dtype, mean and rstd (rows,) fp32 over each row."""
   _check(x, "forward")
   rows, c = x.shape
   cp, br = padded(c), block_rows(rows, c, tile)
   has_delta = delta is not None
-  kernel = functools.partial(_forward_kernel, c=c, cp=cp, br=br, eps=eps, has_delta=has_delta)
-  if chunked:
-    kernel = functools.partial(_chunked_forward_kernel, c=c, w=chunk_width(c), br=br, eps=eps, has_delta=has_delta)
   stats = jax.ShapeDtypeStruct((rows,), jnp.float32)
   out_shape = ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if has_delta else []) + [
       jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats]
   outs = pl.pallas_call(
-      kernel, grid=(rows // br,), out_shape=out_shape,
+      functools.partial(_forward_kernel, c=c, cp=cp, br=br, eps=eps, has_delta=has_delta),
+      grid=(rows // br,), out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name="layer_norm_forward",
   )(x, *([delta.astype(x.dtype)] if has_delta else []), scale, bias)
   return tuple(outs) if has_delta else (None, *outs)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "tile", "chunked"))
-def backward(h, dy, dh, mean, rstd, scale, *, interpret: bool = False, num_warps: int = 4, tile: int = TILE,
-             chunked: bool = False):
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "tile"))
+def backward(h, dy, dh, mean, rstd, scale, *, interpret: bool = False, num_warps: int = 4, tile: int = TILE):
   """dx = dh + the LayerNorm's input gradient for the output cotangent dy, at h with its (mean, rstd); in h's dtype,
   summed in fp32 and rounded once."""
   _check(h, "backward")
   rows, c = h.shape
   cp, br = padded(c), block_rows(rows, c, tile)
-  kernel = functools.partial(_backward_kernel, c=c, cp=cp, br=br)
-  if chunked:
-    kernel = functools.partial(_chunked_backward_kernel, c=c, w=chunk_width(c), br=br)
   return pl.pallas_call(
-      kernel, grid=(rows // br,), out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype),
+      functools.partial(_backward_kernel, c=c, cp=cp, br=br),
+      grid=(rows // br,), out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name="layer_norm_backward",
   )(h, dy.astype(h.dtype), dh.astype(h.dtype), mean, rstd, scale)
