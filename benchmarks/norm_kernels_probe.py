@@ -23,15 +23,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.decode_attention_sweep import timed  # noqa: E402
+# (rows, C) of the transformer blocks' streams at b32, which the adapters read too.
+from benchmarks.lora_kernels_probe import SHAPES  # noqa: E402
 from idmp_jax.models import layers, pallas_norm  # noqa: E402
-
-# (rows, C) of the transformer blocks' streams at b32: the four levels' tokens x 32 and their channels.
-SHAPES = ((131072, 320), (32768, 640), (8192, 1280), (2048, 1280))
-
-
-def config_tuple(text: str) -> tuple[int, int]:
-  tile, warps = (int(v) for v in text.split(","))
-  return tile, warps
 
 
 def main(argv=None):
@@ -39,7 +33,8 @@ def main(argv=None):
   p.add_argument("--small", action="store_true")
   p.add_argument("--buffers", type=int, default=4)
   p.add_argument("--iters", type=int, default=20)
-  p.add_argument("--configs", type=config_tuple, nargs="*", default=[(2048, 4), (4096, 4), (4096, 8), (8192, 8)],
+  p.add_argument("--configs", type=lambda t: tuple(int(v) for v in t.split(",")), nargs="*",
+                 default=[(2048, 4), (4096, 4), (4096, 8), (8192, 8)],
                  help="Pallas (tile elements, num_warps) pairs, each as 'T,W'")
   args = p.parse_args(argv)
   rng = np.random.default_rng(0)
