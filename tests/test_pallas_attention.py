@@ -89,6 +89,20 @@ def test_dispatch():
   assert not attention.triton_gpu()  # On this CPU.
 
 
+def test_pallas_kernels_only_by_default_on_one_device(monkeypatch):
+  """"auto" takes the Pallas kernels on a Triton GPU only when one device runs the program: a pallas_call has no
+  partitioning rule, so under a multi-device mesh XLA would gather its operands whole onto every device."""
+  monkeypatch.setattr(attention, "triton_gpu", lambda: True)
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  assert attention.pallas_by_default()
+  monkeypatch.setattr(jax, "device_count", lambda: 8)
+  assert not attention.pallas_by_default()
+  assert attention.resolve_implementation("auto", jnp.bfloat16, 64, (2, 4096, 5, 64), (2, 77, 5, 64)) != "pallas"
+  monkeypatch.setattr(attention, "triton_gpu", lambda: False)
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  assert not attention.pallas_by_default()
+
+
 def _kernel_calls(fn, *args) -> dict:
   """How many times each Pallas kernel runs in fn."""
   return dict(collections.Counter(name for name, _ in pallas_calls(fn, *args)))
@@ -120,7 +134,7 @@ def test_llama_decode_through_the_kernel_equals_xla(monkeypatch):
 
   ref = jax.jit(decode("auto"))(params)  # On the CPU: XLA.
   kernel = pallas_attention.decode_attention
-  monkeypatch.setattr(attention, "triton_gpu", lambda: True)
+  monkeypatch.setattr(attention, "pallas_by_default", lambda: True)
   monkeypatch.setattr(pallas_attention, "decode_attention", lambda *a, **kw: kernel(*a, **{**kw, "interpret": True}))
   assert _kernel_calls(decode("auto"), params) == {"int8_decode_attention": 3 * cfg.num_hidden_layers}
   assert _kernel_calls(decode("xla"), params) == {}

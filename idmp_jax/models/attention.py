@@ -39,6 +39,14 @@ def triton_gpu() -> bool:
     return False
 
 
+def pallas_by_default() -> bool:
+  """Where "auto" picks this project's Pallas kernels (here, `lora`, `layers`): a Triton GPU, one device in all. A
+  pallas_call has no partitioning rule, so under a multi-device mesh XLA would gather each operand whole onto every
+  device and run the kernel on the full batch there; XLA's own ops, and cuDNN's attention (which JAX partitions),
+  shard by the batch. Asked for explicitly, the kernels still run."""
+  return triton_gpu() and jax.device_count() == 1
+
+
 def resolve_implementation(implementation: str, dtype, head_dim: int, q_shape=None, k_shape=None) -> str:
   """'auto' -> 'pallas' on a Triton GPU for fp16/bf16 attention over few keys that
   `pallas_cross_attention.supported` takes (given the shapes: the UNet's cross-attention over 77 text tokens),
@@ -51,7 +59,7 @@ def resolve_implementation(implementation: str, dtype, head_dim: int, q_shape=No
   if implementation in ("auto", "pallas") and q_shape is not None and k_shape is not None:
     from idmp_jax.models import pallas_cross_attention  # Local import: Pallas only where it is used.
     if pallas_cross_attention.supported(q_shape, k_shape) and (
-        implementation == "pallas" or (triton_gpu() and half)):
+        implementation == "pallas" or (pallas_by_default() and half)):
       return "pallas"
   if implementation not in ("auto", "pallas"):
     return implementation
@@ -136,8 +144,8 @@ def _int8_kernel(implementation: str, q, k, mask, scale):
                      f"{DECODE_INT8_IMPLEMENTATIONS}")
   from idmp_jax.models import pallas_attention  # Local import: Pallas only where it is used.
   gpu = triton_gpu()
-  if not (implementation == "pallas" or (implementation == "auto" and gpu and pallas_attention.supported(
-      q.shape, k.shape))):
+  auto = implementation == "auto" and pallas_by_default() and pallas_attention.supported(q.shape, k.shape)
+  if not (implementation == "pallas" or auto):
     return None
   b, s = q.shape[0], k.shape[2]
   valid = jnp.ones((b, s), bool) if mask is None else jnp.broadcast_to(mask, (b, 1, 1, s))[:, 0, 0]

@@ -189,7 +189,7 @@ def _norm_kernels(rows: int, c: int) -> bool:
   from idmp_jax.models import attention, pallas_norm  # Local: Pallas only where it is used.
   if not (pallas_norm.supported(rows, c) and pallas_norm.block_rows(rows, c)):
     return False
-  return NORM_KERNELS == "interpret" or attention.triton_gpu()
+  return NORM_KERNELS == "interpret" or attention.pallas_by_default()
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))

@@ -175,7 +175,7 @@ def _use_kernels(x_shape, a, dropout: bool) -> bool:
   (k, r), = shapes
   if not pallas_lora.supported(x_shape[0], k, r, len(a)):
     return False
-  return KERNELS == "interpret" or (attention.triton_gpu() and x_shape[0] >= pallas_lora.FORWARD_MIN_ROWS
+  return KERNELS == "interpret" or (attention.pallas_by_default() and x_shape[0] >= pallas_lora.FORWARD_MIN_ROWS
                                     and k <= pallas_lora.MAX_MEASURED_K)
 
 
