@@ -72,8 +72,7 @@ def main(argv=None):
 
     def xla_bwd(ins):
       res = lambda h, m, r: (h.reshape(rows, c), scale, bias, m.reshape(rows, 1), r.reshape(rows, 1))
-      return [layers._normalize_grads((1,), False, h.dtype, res(h, m, r), dy, skip=dh)[0]
-              for h, dy, dh, m, r in ins]
+      return [layers._normalize_bwd((1,), 1e-5, False, h.dtype, res(h, m, r), dy)[0] + dh for h, dy, dh, m, r in ins]
 
     row("bwd", "xla", xla_bwd, bwd_in, 4)
     for tile, warps in args.configs:

@@ -148,12 +148,6 @@ def _normalize_fwd(x, scale, bias, axes, eps, silu, dtype):
 
 
 def _normalize_bwd(axes, eps, silu, dtype, res, g):
-  return _normalize_grads(axes, silu, dtype, res, g)
-
-
-def _normalize_grads(axes, silu, dtype, res, g, skip=None):
-  """(dx, dscale, dbias) of `normalize` for its output's cotangent g; `skip` (x's shape), a cotangent of x from
-  another use, is added to dx in fp32 before the one rounding."""
   x, scale, bias, mean, rstd = res
   xhat = (x.astype(jnp.float32) - mean) * rstd
   dy = g.astype(jnp.float32)
@@ -168,8 +162,6 @@ def _normalize_grads(axes, silu, dtype, res, g, skip=None):
   m1 = _mean(dxhat, axes)
   m2 = _mean(dxhat * xhat, axes)
   dx = rstd * (dxhat - m1 - xhat * m2)
-  if skip is not None:
-    dx = dx + skip.astype(jnp.float32)
   return dx.astype(x.dtype), dscale, dbias
 
 
@@ -192,54 +184,54 @@ def _norm_kernels(rows: int, c: int) -> bool:
   return NORM_KERNELS == "interpret" or attention.pallas_by_default()
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def residual_layer_norm(x, delta, scale, bias, eps: float):
   """(h, y): h = x + delta in x's dtype (x itself when delta is None), y = LayerNorm(h) over the last axis (fp32
   statistics, `normalize`'s math) in x's dtype: the transformer block's residual stream and the norm that reads it.
 
-  Why one op: its backward receives h's cotangent (from the stream's later uses) together with y's and writes
-  x's gradient, dh + LN'(h)^T dy, in one pass; delta's is the same array. On a Triton GPU both directions are
-  `pallas_norm`'s kernels (the forward writes h and y in one pass where XLA took three kernels)."""
+  On a Triton GPU (`NORM_KERNELS`) one op whose backward receives h's cotangent (from the stream's later uses)
+  together with y's and writes x's gradient, dh + LN'(h)^T dy, in one pass (delta's is the same array), both
+  directions `pallas_norm`'s kernels: the forward writes h and y in one pass where XLA took three kernels.
+  Elsewhere the add and `normalize`, as separate ops, for XLA to fuse as it does."""
+  shape, c = x.shape, x.shape[-1]
+  if delta is not None and delta.shape != shape:
+    raise ValueError(f"residual_layer_norm: delta {delta.shape} is not the stream's shape {shape}")
+  if _norm_kernels(math.prod(shape[:-1]), c):
+    return _residual_layer_norm_kernels(x, delta, scale, bias, eps)
+  h = x if delta is None else x + delta.astype(x.dtype)
+  return h, normalize(h, scale, bias, (x.ndim - 1,), eps, False, x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _residual_layer_norm_kernels(x, delta, scale, bias, eps: float):
   return _residual_layer_norm_fwd(x, delta, scale, bias, eps)[0]
 
 
 def _residual_layer_norm_fwd(x, delta, scale, bias, eps):
+  from idmp_jax.models import pallas_norm
   shape, c = x.shape, x.shape[-1]
   rows = math.prod(shape[:-1])
-  if delta is not None and delta.shape != shape:
-    raise ValueError(f"residual_layer_norm: delta {delta.shape} is not the stream's shape {shape}")
-  if _norm_kernels(rows, c):
-    from idmp_jax.models import pallas_norm
-    h, y, mean, rstd = pallas_norm.forward(x.reshape(rows, c), None if delta is None else delta.reshape(rows, c),
-                                           scale, bias, eps=eps, interpret=NORM_KERNELS == "interpret")
-    h = x if h is None else h.reshape(shape)
-    mean, rstd = mean.reshape(*shape[:-1], 1), rstd.reshape(*shape[:-1], 1)
-    y = y.reshape(shape)
-  else:
-    h = x if delta is None else x + delta.astype(x.dtype)
-    mean, rstd = _normalize_fwd_stats(h.astype(jnp.float32), (x.ndim - 1,), eps)
-    y = _affine_act((h.astype(jnp.float32) - mean) * rstd, scale, bias, False, x.dtype)[0]
+  h, y, mean, rstd = pallas_norm.forward(x.reshape(rows, c), None if delta is None else delta.reshape(rows, c),
+                                         scale, bias, eps=eps, interpret=NORM_KERNELS == "interpret")
+  h = x if h is None else h.reshape(shape)
   # The last residual says, by its pytree structure alone, whether there was a delta to give a gradient.
-  return (h, y), (h, scale, bias, mean, rstd, None if delta is None else ())
+  return (h, y.reshape(shape)), (h, scale, bias, mean, rstd, None if delta is None else ())
 
 
 def _residual_layer_norm_bwd(eps, res, cotangents):
+  from idmp_jax.models import pallas_norm
   h, scale, bias, mean, rstd, had_delta = res
   dh, dy = cotangents
   shape, c = h.shape, h.shape[-1]
   rows = math.prod(shape[:-1])
-  if _norm_kernels(rows, c):
-    from idmp_jax.models import pallas_norm
-    dx = pallas_norm.backward(h.reshape(rows, c), dy.reshape(rows, c), dh.reshape(rows, c), mean.reshape(rows),
-                              rstd.reshape(rows), scale, interpret=NORM_KERNELS == "interpret").reshape(shape)
-    # The affine parameters' gradients as XLA expressions: dead (and dropped) when they are frozen.
-    _, dscale, dbias = _normalize_grads((h.ndim - 1,), False, h.dtype, (h, scale, bias, mean, rstd), dy)
-  else:
-    dx, dscale, dbias = _normalize_grads((h.ndim - 1,), False, h.dtype, (h, scale, bias, mean, rstd), dy, skip=dh)
+  dx = pallas_norm.backward(h.reshape(rows, c), dy.reshape(rows, c), dh.reshape(rows, c), mean, rstd, scale,
+                            interpret=NORM_KERNELS == "interpret").reshape(shape)
+  # The affine parameters' gradients as XLA expressions: dead (and dropped) when they are frozen.
+  stats = (mean.reshape(*shape[:-1], 1), rstd.reshape(*shape[:-1], 1))
+  _, dscale, dbias = _normalize_bwd((h.ndim - 1,), eps, False, h.dtype, (h, scale, bias, *stats), dy)
   return dx, (None if had_delta is None else dx), dscale, dbias
 
 
-residual_layer_norm.defvjp(_residual_layer_norm_fwd, _residual_layer_norm_bwd)
+_residual_layer_norm_kernels.defvjp(_residual_layer_norm_fwd, _residual_layer_norm_bwd)
 
 
 def _normal_cdf(x):
