@@ -84,3 +84,31 @@ def test_unknown_kernel_switch_is_refused(monkeypatch):
   x = jnp.ones((2, 8, 16))
   with pytest.raises(ValueError, match="layers.NORM_KERNELS"):
     layers.residual_layer_norm(x, None, jnp.ones(16), jnp.zeros(16), 1e-5)
+
+
+def test_transformer_block_through_the_kernels_equals_xla(monkeypatch):
+  """The UNet's transformer block (its three norms through `residual_layer_norm`) with the kernels (interpreted)
+  against XLA's path: output and the input's and attention weights' gradients, fp32; the forward and backward
+  kernels each run once per norm."""
+  import collections
+  from idmp_jax.models import unet
+  from tests.conftest import pallas_calls
+  block = unet.BasicTransformerBlock(dim=80, heads=2, upcast=False, attention_impl="xla", dtype=jnp.float32)
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((2, 32, 80)), jnp.float32)
+  context = jnp.asarray(rng.standard_normal((2, 8, 24)), jnp.float32)
+  params = block.init(jax.random.key(0), x, context)
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+
+  def loss(params, x):
+    return jnp.sum(jnp.sin(block.apply(params, x, context)))
+
+  results = {}
+  for mode in ("xla", "interpret"):
+    monkeypatch.setattr(layers, "NORM_KERNELS", mode)
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    results[mode] = grad(params, x)
+    calls = collections.Counter(name for name, _ in pallas_calls(grad, params, x))
+    assert calls == ({} if mode == "xla" else {"layer_norm_forward": 3, "layer_norm_backward": 3})
+  for got, want in zip(jax.tree.leaves(results["interpret"]), jax.tree.leaves(results["xla"])):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
