@@ -179,7 +179,7 @@ def _norm_kernels(rows: int, c: int) -> bool:
   if NORM_KERNELS not in ("auto", "interpret"):
     raise ValueError(f"layers.NORM_KERNELS = {NORM_KERNELS!r}: expected 'auto', 'xla' or 'interpret'")
   from idmp_jax.models import attention, pallas_norm  # Local: Pallas only where it is used.
-  if not (pallas_norm.supported(rows, c) and pallas_norm.block_rows(rows, c)):
+  if not pallas_norm.supported(rows, c):
     return False
   return NORM_KERNELS == "interpret" or attention.pallas_by_default()
 
