@@ -13,7 +13,9 @@ Each timing is a jit over --buffers distinct inputs, so the time is the kernels'
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 from benchmarks.decode_attention_sweep import timed  # noqa: E402
 # (rows, C) of the transformer blocks' streams at b32, which the adapters read too.
@@ -28,31 +32,54 @@ from benchmarks.lora_kernels_probe import SHAPES  # noqa: E402
 from idmp_jax.models import layers, pallas_norm  # noqa: E402
 
 
+def config(text: str) -> tuple[str, int, int]:
+  """'LAYOUT,TILE,WARPS' (layout m = masked, s = split: `pallas_norm.pieces`)."""
+  layout, tile, warps = text.split(",")
+  return {"m": "masked", "s": "split"}.get(layout, layout), int(tile), int(warps)
+
+
+def _copy_kernel(x_ref, d_ref, h_ref, y_ref, *, br: int):
+  """The forward's traffic without its arithmetic: h = x + delta and y = x, whole rows per program."""
+  rows = pl.ds(pl.program_id(0) * br, br)
+  x = x_ref[rows, :]
+  h_ref[rows, :] = x + d_ref[rows, :]
+  y_ref[rows, :] = x
+
+
+def copy(x, delta, *, br: int, num_warps: int, width: int = 512, interpret: bool = False):
+  """A streaming floor for the forward: its bytes, viewed as rows of `width` (a power of two, no masks)."""
+  shape = x.shape
+  x, delta = x.reshape(-1, width), delta.reshape(-1, width)
+  out = pl.pallas_call(
+      functools.partial(_copy_kernel, br=br), grid=(x.shape[0] // br,),
+      out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)] * 2,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1), interpret=interpret,
+      name="copy")(x, delta)
+  return [o.reshape(shape) for o in out]
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--small", action="store_true")
   p.add_argument("--buffers", type=int, default=4)
-  p.add_argument("--iters", type=int, default=20)
-  p.add_argument("--configs", type=lambda t: tuple(int(v) for v in t.split(",")), nargs="*",
-                 default=[(2048, 4), (4096, 4), (4096, 8), (8192, 8)],
-                 help="Pallas (tile elements, num_warps) pairs, each as 'T,W'")
+  p.add_argument("--iters", type=int, default=10)
+  p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants; medians printed")
+  p.add_argument("--levels", type=int, default=len(SHAPES), help="only the first N shapes (largest first)")
+  p.add_argument("--configs", type=config, nargs="*",
+                 default=[("masked", 4096, 4), ("masked", 2048, 2), ("masked", 1024, 1), ("split", 4096, 4),
+                          ("split", 2048, 2), ("split", 1024, 1), ("split", 8192, 8), ("split", 2048, 4)],
+                 help="Pallas kernel configs, each as 'LAYOUT,TILE,WARPS' (m,4096,4 is the default)")
   args = p.parse_args(argv)
   rng = np.random.default_rng(0)
-  shapes = ((64, 320), (32, 80)) if args.small else SHAPES
+  shapes = ((64, 320), (32, 80)) if args.small else SHAPES[:args.levels]
   interpret = args.small
   arr = lambda rows, c: jnp.asarray(rng.standard_normal((rows, c)), jnp.bfloat16)
-  print(f"{'rows x C':>14s} {'pass':9s} {'impl':14s} {'us':>9s} {'GB/s':>7s}")
+  print(f"{'rows x C':>14s} {'pass':9s} {'impl':16s} {'us':>9s} {'GB/s':>7s}  (median of {args.rounds} rounds)")
   for rows, c in shapes:
     scale, bias = (jnp.asarray(rng.standard_normal(c), jnp.bfloat16) for _ in range(2))
     xs = [(arr(rows, c), arr(rows, c)) for _ in range(args.buffers)]
     mb = rows * c * 2 / 1e9
-
-    def row(name, impl, fn, inputs, passes):
-      try:
-        us = timed(jax.jit(fn), (inputs,), args.buffers, args.iters)
-        print(f"{rows:>7d} x {c:<5d} {name:9s} {impl:14s} {us:9.1f} {passes * mb / (us * 1e-6):7.0f}", flush=True)
-      except Exception as e:  # A tiling Triton does not compile: say so and go on.
-        print(f"{rows:>7d} x {c:<5d} {name:9s} {impl:14s} failed: {type(e).__name__}: {str(e)[:150]}", flush=True)
+    variants = []  # (pass, impl, jitted fn, inputs, passes over a (rows, C) array)
 
     def xla(fn):
       def run(*a):
@@ -65,8 +92,7 @@ def main(argv=None):
 
     fwd = lambda xs: [layers.residual_layer_norm(x, d, scale, bias, 1e-5) for x, d in xs]
     fwd1 = lambda xs: [layers.residual_layer_norm(x, None, scale, bias, 1e-5)[1] for x, _ in xs]
-    row("fwd+add", "xla", xla(fwd), xs, 4)
-    row("fwd", "xla", xla(fwd1), xs, 2)
+    variants += [("fwd+add", "xla", xla(fwd), xs, 4), ("fwd", "xla", xla(fwd1), xs, 2)]
     stats = [pallas_norm.forward(x, None, scale, bias, eps=1e-5, interpret=interpret)[2:] for x, _ in xs]
     bwd_in = [(x, d, arr(rows, c), m, r) for (x, d), (m, r) in zip(xs, stats)]
 
@@ -74,16 +100,37 @@ def main(argv=None):
       res = lambda h, m, r: (h.reshape(rows, c), scale, bias, m.reshape(rows, 1), r.reshape(rows, 1))
       return [layers._normalize_bwd((1,), 1e-5, False, h.dtype, res(h, m, r), dy)[0] + dh for h, dy, dh, m, r in ins]
 
-    row("bwd", "xla", xla_bwd, bwd_in, 4)
-    for tile, warps in args.configs:
-      kw = dict(interpret=interpret, num_warps=warps, tile=tile)
-      name = f"pallas {tile},{warps}"
-      row("fwd+add", name,
-          lambda xs: [pallas_norm.forward(x, d, scale, bias, eps=1e-5, **kw) for x, d in xs], xs, 4)
-      row("fwd", name,
-          lambda xs: [pallas_norm.forward(x, None, scale, bias, eps=1e-5, **kw)[1] for x, _ in xs], xs, 2)
-      row("bwd", name,
-          lambda ins: [pallas_norm.backward(h, dy, dh, m, r, scale, **kw) for h, dy, dh, m, r in ins], bwd_in, 4)
+    variants.append(("bwd", "xla", xla_bwd, bwd_in, 4))
+    if rows * c % (512 * 8) == 0:
+      variants.append(("fwd+add", "copy 4096,4", lambda xs: [copy(x, d, br=8, num_warps=4, interpret=interpret)
+                                                             for x, d in xs], xs, 4))
+    for layout, tile, warps in args.configs:
+      kw = dict(interpret=interpret, num_warps=warps, tile=tile, layout=layout)
+      name = f"{layout[0]} {tile},{warps}"
+      variants += [
+          ("fwd+add", name, lambda xs, kw=kw: [pallas_norm.forward(x, d, scale, bias, eps=1e-5, **kw) for x, d in xs],
+           xs, 4),
+          ("fwd", name, lambda xs, kw=kw: [pallas_norm.forward(x, None, scale, bias, eps=1e-5, **kw)[1]
+                                           for x, _ in xs], xs, 2),
+          ("bwd", name, lambda ins, kw=kw: [pallas_norm.backward(h, dy, dh, m, r, scale, **kw)
+                                            for h, dy, dh, m, r in ins], bwd_in, 4)]
+    variants = [(pass_, impl, jax.jit(fn), inputs, passes) for pass_, impl, fn, inputs, passes in variants]
+    times = {}
+    for _ in range(args.rounds):
+      for pass_, impl, fn, inputs, _ in variants:
+        key = (pass_, impl)
+        if times.get(key) == "failed":
+          continue
+        try:
+          times.setdefault(key, []).append(timed(fn, (inputs,), args.buffers, args.iters))
+        except Exception as e:  # A tiling Triton does not compile: say so and go on.
+          print(f"{rows:>7d} x {c:<5d} {pass_:9s} {impl:16s} failed: {type(e).__name__}: {str(e)[:150]}", flush=True)
+          times[key] = "failed"
+    for pass_ in ("fwd+add", "fwd", "bwd"):
+      for (p_, impl, _, _, passes) in variants:
+        if p_ == pass_ and times.get((p_, impl)) not in (None, "failed"):
+          us = statistics.median(times[(p_, impl)])
+          print(f"{rows:>7d} x {c:<5d} {p_:9s} {impl:16s} {us:9.1f} {passes * mb / (us * 1e-6):7.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -244,7 +244,7 @@ def main():
                   "process, their pipelined chains interleaved (--rounds); flatten: the optimizer flattened or per "
                   "leaf; dx: the adapters' dx kernel (pallas_lora.up_grad) on or off; norm: the residual "
                   "LayerNorm's kernels (pallas_norm) or XLA; layout: the frozen weights in XLA's chosen layouts or "
-                  "row-major")
+                  "row-major; split: the LayerNorm kernels' rows as power-of-two pieces or one masked tile")
   ap.add_argument("--rounds", type=int, default=6, help="--ab: chains per variant, alternating")
   ap.add_argument("--profile", default="", help="after timing, profile 3 steps into this folder and sum the "
                   "device kernels by kind (benchmarks/profile_summary.py)")
@@ -306,6 +306,11 @@ def _norm_kernels(mode):
   layers.NORM_KERNELS = mode
 
 
+def _norm_layout(layout):
+  from idmp_jax.models import pallas_norm
+  pallas_norm.LAYOUT = layout
+
+
 def _none():
   pass
 
@@ -318,6 +323,8 @@ AB_VARIANTS = {
     "norm": {"norm_kernels": (None, lambda: _norm_kernels("auto"), "default"),
              "norm_xla": (None, lambda: _norm_kernels("xla"), "default")},
     "layout": {"layout_auto": (None, _none, "auto"), "layout_default": (None, _none, "default")},
+    "split": {"norm_split": (None, lambda: _norm_layout("split"), "default"),
+              "norm_masked": (None, lambda: _norm_layout("masked"), "default")},
 }
 
 
