@@ -34,7 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from idmp_jax import schedulers  # noqa: E402
+from idmp_jax import parallel, schedulers  # noqa: E402
 from idmp_jax.models import clip, lora, unet, vae  # noqa: E402
 from idmp_jax.train import diffusion, optimizer as optim, state as train_state, tiny  # noqa: E402
 from benchmarks.profile_by_source import profile_by_source  # noqa: E402
@@ -151,34 +151,20 @@ def pipelined_chain(step, state, frozen, batch, steps: int):
   return state, out, (time.perf_counter() - t0) / steps
 
 
-def compile_with_layouts(step, state, frozen, batch, frozen_layout: str = "default"):
-  """(compiled step, the frozen tree it takes): with frozen_layout "auto" the step is compiled with `Layout.AUTO`
-  for the frozen weights (`step` jitted with those in_shardings) and the weights are put in XLA's chosen layouts
-  once, here."""
-  if frozen_layout == "auto":
-    lowered = step.lower(state, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen), batch)
-  else:
-    lowered = step.lower(state, frozen, batch)
-  compiled = lowered.compile()
+def compile_with_layouts(fn, state, frozen, batch, frozen_layout: str):
+  """(executable of fn(state, frozen, batch) with the state donated, the frozen tree it takes): as the training job
+  compiles its step (`parallel.FrozenWeights`: with "auto" the frozen weights in the layouts XLA picks)."""
+  weights = parallel.FrozenWeights(frozen, frozen_layout)
+  compiled = weights.compile(fn, state, batch, donate_argnums=0)
   if frozen_layout == "auto":
     formats = compiled.input_formats[0][1]
     pairs = zip(jax.tree.leaves(formats), jax.tree.leaves(frozen))
     changed = sum(f.layout is not None and f.layout.major_to_minor != tuple(range(x.ndim)) for f, x in pairs)
     print(f"frozen layouts: {changed} of {len(jax.tree.leaves(frozen))} arrays not row-major", flush=True)
-    frozen = jax.device_put(frozen, formats)
-  return compiled, frozen
+  return compiled, weights.tree
 
 
-def jit_step(fn, frozen, frozen_layout: str = "default"):
-  """fn(state, frozen, batch) jitted with the state donated; with frozen_layout "auto", the frozen weights' layouts
-  left to XLA (`Layout.AUTO`; see `compile_with_layouts`)."""
-  if frozen_layout != "auto":
-    return jax.jit(fn, donate_argnums=0)
-  from jax.experimental.layout import Format, Layout
-  return jax.jit(fn, donate_argnums=0, in_shardings=(None, jax.tree.map(lambda _: Format(Layout.AUTO), frozen), None))
-
-
-def measure(step, state, frozen, batch, steps: int, b: int, profile_dir: str = "", frozen_layout: str = "default"):
+def measure(step, state, frozen, batch, steps: int, b: int, profile_dir: str = "", frozen_layout: str = "auto"):
   t0 = time.perf_counter()
   compiled, frozen = compile_with_layouts(step, state, frozen, batch, frozen_layout)
   compile_s = time.perf_counter() - t0
@@ -233,9 +219,10 @@ def main():
   ap.add_argument("--dtype", default="bfloat16")
   ap.add_argument("--lora-kernels", choices=["auto", "xla"], default="auto",
                   help="lora.KERNELS: auto = the adapters' input side as pallas_lora's kernels on the GPU; xla = XLA's")
-  ap.add_argument("--frozen-layout", choices=["default", "auto"], default="default",
+  ap.add_argument("--frozen-layout", choices=["config", "default", "auto"], default="config",
                   help="auto: the step compiled with the frozen weights' layouts left to XLA (Layout.AUTO), and the "
-                  "weights put in them once (no per-step transposes of conv kernels to cuDNN's layout)")
+                  "weights put in them once (no per-step transposes of conv kernels to cuDNN's layout); default: "
+                  "row-major; config: as configs/rca.py sets it (frozen_layouts)")
   ap.add_argument("--flatten", choices=["config", "on", "off"], default="config",
                   help="the optimizer on the LoRA leaves concatenated (optax.flatten) or per leaf; config: as "
                   "configs/rca.py sets it")
@@ -257,6 +244,8 @@ def main():
   models, trainable, frozen, ucfg = build(args.small, dtype, args.attention, args.remat)
   n_lora = lora.count(trainable)
   from configs import rca  # The job's own optimizer settings.
+  if args.frozen_layout == "config":
+    args.frozen_layout = rca.get_config().frozen_layouts
   if args.ab:
     return paired_ab(args, models, trainable, frozen, ucfg, dtype, res, batches)
   opt_config = rca.get_config().optimizer
@@ -264,9 +253,8 @@ def main():
     opt_config.flatten = args.flatten == "on"
   flat = optim.flattened(opt_config)
   tx, schedule = optim.make_optimizer(opt_config, 2884)
-  jit = lambda fn: jit_step(fn, frozen, args.frozen_layout)
-  steps = {"unet": jit(unet_only_step(models, tx, schedule, flat)),
-           "full": jit(diffusion.make_train_step(models, tx, schedule, flat=flat))}
+  steps = {"unet": unet_only_step(models, tx, schedule, flat),
+           "full": diffusion.make_train_step(models, tx, schedule, flat=flat)}
   rng = np.random.default_rng(0)
   rows = []
   for kind in kinds:
@@ -315,16 +303,17 @@ def _none():
   pass
 
 
-# --ab NAME: {variant name: (optimizer flatten, setup run before tracing that variant's step, frozen layout)}.
+# --ab NAME: {variant name: (optimizer flatten, setup run before tracing that variant's step, frozen layout)}; None:
+# as configs/rca.py sets it.
 AB_VARIANTS = {
-    "flatten": {"flat": (True, _none, "default"), "tree": (False, _none, "default")},
-    "dx": {"dx_kernel": (None, lambda: _up_grad_min(2), "default"),
-           "dx_xla": (None, lambda: _up_grad_min(99), "default")},
-    "norm": {"norm_kernels": (None, lambda: _norm_kernels("auto"), "default"),
-             "norm_xla": (None, lambda: _norm_kernels("xla"), "default")},
+    "flatten": {"flat": (True, _none, None), "tree": (False, _none, None)},
+    "dx": {"dx_kernel": (None, lambda: _up_grad_min(2), None),
+           "dx_xla": (None, lambda: _up_grad_min(99), None)},
+    "norm": {"norm_kernels": (None, lambda: _norm_kernels("auto"), None),
+             "norm_xla": (None, lambda: _norm_kernels("xla"), None)},
     "layout": {"layout_auto": (None, _none, "auto"), "layout_default": (None, _none, "default")},
-    "split": {"norm_split": (None, lambda: _norm_layout("split"), "default"),
-              "norm_masked": (None, lambda: _norm_layout("masked"), "default")},
+    "split": {"norm_split": (None, lambda: _norm_layout("split"), None),
+              "norm_masked": (None, lambda: _norm_layout("masked"), None)},
 }
 
 
@@ -345,8 +334,8 @@ def paired_ab(args, models, trainable, frozen, ucfg, dtype, res, batches):
     tx, schedule = optim.make_optimizer(opt_config, 2884)
     state = diffusion.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(0))
     t0 = time.perf_counter()
-    step, its_frozen = compile_with_layouts(jit_step(unet_only_step(models, tx, schedule, flat), frozen, frozen_layout),
-                                            state, frozen, batch, frozen_layout)
+    step, its_frozen = compile_with_layouts(unet_only_step(models, tx, schedule, flat), state, frozen, batch,
+                                            frozen_layout or rca.get_config().frozen_layouts)
     print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     for _ in range(3):
       state, out = step(state, its_frozen, batch)

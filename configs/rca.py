@@ -23,6 +23,9 @@ def get_config(arg=None):
   # params/... and opt_state/... (AdamW's moments end in their weight's path, so they land like it).
   c.sharding_rules = ml_collections.FieldReference("replicate", field_type=object)
   c.fsdp_min_size = 2**16      # "fsdp" leaves with fewer elements replicate (conv_in/out, small projections).
+  # Memory layouts of the frozen weights: "auto" = those XLA picks when it compiles the train step (e.g. cuDNN's
+  # for conv kernels, saving their per-step transposes), set once; "default" = row-major.
+  c.frozen_layouts = "auto"
 
   c.model_dir = ""             # stable-diffusion-2-inpainting folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/);
                                # "tiny": idmp_jax.tiny's random pipeline, built in the workdir.

@@ -95,3 +95,41 @@ def test_rule_validation():
                        ([("kernel[", "fsdp")], "bad regex")):
     with pytest.raises(ValueError, match=message):
       parallel.sharding_rules(bad)
+
+
+@pytest.mark.parametrize("layouts", ["auto", "default"])
+def test_frozen_weights_steps(layouts):
+  """FrozenWeights: steps built by `jit` give a plain jit's values, with the frozen tree sharded over the devices
+  (the layouts chosen once, by the first step run), the state donated, a second step on the same weights, and a
+  new batch shape; a bad `layouts` is refused."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  import ml_collections
+  mesh = parallel.make_mesh(ml_collections.ConfigDict({"mesh": {"data": 1, "fsdp": -1, "tensor": 1}}))
+  rng = np.random.default_rng(0)
+  kernel = jax.device_put(rng.standard_normal((3, 3, 4, 8)).astype(np.float32),
+                          NamedSharding(mesh, P(None, None, None, "fsdp")))
+  weights = {"conv": kernel, "bias": jax.device_put(np.arange(8, dtype=np.float32), NamedSharding(mesh, P()))}
+
+  def train(state, w, x):
+    y = jax.lax.conv_general_dilated(x, w["conv"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return state + 1, jax.numpy.sum((y + w["bias"]) ** 2)
+
+  def evaluate(scale, w, x):
+    return scale * jax.numpy.sum(w["conv"]) + jax.numpy.sum(x)
+
+  frozen = parallel.FrozenWeights(weights, layouts)
+  step, eval_step = frozen.jit(train, donate_argnums=(0,)), frozen.jit(evaluate)
+  state = jax.numpy.zeros(())
+  for shape in [(8, 6, 6, 4), (8, 6, 6, 4), (16, 6, 6, 4)]:
+    x = rng.standard_normal(shape).astype(np.float32)
+    want = jax.jit(train)(state, weights, x)
+    state, loss = step(state, x)
+    np.testing.assert_allclose(float(state), float(want[0]))
+    np.testing.assert_allclose(float(loss), float(want[1]), rtol=1e-5)
+  assert float(state) == 3.0
+  np.testing.assert_allclose(float(eval_step(2.0, x)), float(jax.jit(evaluate)(2.0, weights, x)), rtol=1e-5)
+  assert frozen.tree["conv"].sharding.is_equivalent_to(kernel.sharding, 4)
+  with pytest.raises(ValueError, match="layouts"):
+    parallel.FrozenWeights(weights, "tiled")
+  with pytest.raises(ValueError, match="in_shardings"):
+    frozen.jit(evaluate, in_shardings=None)

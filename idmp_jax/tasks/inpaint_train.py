@@ -127,7 +127,8 @@ def run(config, workdir: str, mesh):
   # ---- Shardings and state -------------------------------------------------------------------------------
   tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch)
   replicated = parallel.replicated(mesh)
-  frozen = jax.device_put(frozen, frozen_shardings(frozen, mesh, config))
+  frozen = parallel.FrozenWeights(jax.device_put(frozen, frozen_shardings(frozen, mesh, config)),
+                                  _frozen_layouts(config))
   # Step k's randomness: fold_in(fold_in(root, 1), k); validation batch i's: fold_in(fold_in(root, 2), i).
   init_state = lambda p: diffusion.init_state(p, tx, jax.random.fold_in(root_key, 1))
   # The LoRA weights and the optimizer state follow the same rules. The "fsdp" preset leaves them replicated:
@@ -138,12 +139,12 @@ def run(config, workdir: str, mesh):
                                              min_size=config.get("fsdp_min_size", 0))
   state = jax.jit(init_state, out_shardings=state_shardings)(jax.device_put(trainable, replicated))
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  parallel.log_param_shardings(frozen, "frozen weights")
+  parallel.log_param_shardings(frozen.tree, "frozen weights")
   parallel.log_param_shardings(state, "LoRA weights and optimizer state")
-  train_step = jax.jit(diffusion.make_train_step(models, tx, schedule, flat=optim.flattened(config.optimizer)),
-                       donate_argnums=(0,),
-                       out_shardings=(state_sharding, replicated))
-  eval_step = jax.jit(diffusion.make_eval_step(models), out_shardings=replicated)
+  # Both steps take the frozen weights in the layouts XLA chose for the train step (parallel.FrozenWeights).
+  train_step = frozen.jit(diffusion.make_train_step(models, tx, schedule, flat=optim.flattened(config.optimizer)),
+                          donate_argnums=(0,), out_shardings=(state_sharding, replicated))
+  eval_step = frozen.jit(diffusion.make_eval_step(models), out_shardings=replicated)
   val_key = jax.random.fold_in(root_key, 2)
   logging.info("inpaint_train: %s LoRA weights (rank %d) on %d attention projections; %d train / %d val examples; "
                "%d steps/epoch, %d steps; mesh %s", f"{lora.count(trainable):,}", config.lora.rank,
@@ -163,7 +164,7 @@ def run(config, workdir: str, mesh):
     total, count = 0.0, 0.0
     it = iter(loader(val_source, 0, False))
     for i, batch in enumerate(it):
-      s, n = eval_step(run.state.params, frozen, parallel.shard_batch(
+      s, n = eval_step(run.state.params, parallel.shard_batch(
           train_input.device_fields(batch, batch_keys), mesh), jax.random.fold_in(val_key, i))
       total, count = total + float(s), count + float(n)
     train_input.close(it)
@@ -181,7 +182,7 @@ def run(config, workdir: str, mesh):
 
   epoch = loop.run_epochs(
       run, steps_per_epoch=steps_per_epoch,
-      step_fn=lambda state, batch: train_step(state, frozen, parallel.shard_batch(
+      step_fn=lambda state, batch: train_step(state, parallel.shard_batch(
           train_input.device_fields(batch, batch_keys), mesh)),
       batch_info=lambda batch, epoch, in_epoch: {
           "epoch": epoch + 1, "batch": in_epoch,
@@ -196,12 +197,19 @@ def run(config, workdir: str, mesh):
     merged = lora.merge_lora(lora.merge(base, jax.device_get(state.params), adapter_scalars))
     unet.save_pretrained(os.path.join(workdir, "export", "unet"), ucfg, merged)
   run.close()
-  frozen_arrays, frozen_sharded = parallel.count_sharded(frozen)
+  frozen_arrays, frozen_sharded = parallel.count_sharded(frozen.tree)
   summary = {"step": step, "epochs_done": epoch, "val_losses": meta["val_losses"],
              "stopped_early": meta["stopped_early"], "workdir": workdir, "frozen_arrays": frozen_arrays,
              "frozen_arrays_sharded": frozen_sharded}
   logging.info("inpaint_train done: %s", summary)
   return summary
+
+
+def _frozen_layouts(config) -> str:
+  layouts = config.get("frozen_layouts", "auto")
+  if layouts not in ("auto", "default"):
+    raise ValueError(f"config.frozen_layouts = {layouts!r}: expected 'auto' (the layouts XLA picks) or 'default'")
+  return layouts
 
 
 def frozen_shardings(frozen, mesh, config):
