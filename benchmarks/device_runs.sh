@@ -30,8 +30,9 @@
 #   bash benchmarks/device_runs.sh pair NAME   # on the GPU machine (carry .whl): train_step.py --ab NAME, a paired
 #       A/B of the b32 step in one process (flatten: the optimizer flattened or per leaf; dx: the adapters' dx kernel)
 #   bash benchmarks/device_runs.sh norm [AB]   # on the GPU machine (carry .whl): the residual LayerNorm's kernels
-#       alone against XLA (norm_kernels_probe.py), then train_step.py --ab AB (default norm; split: the kernels'
-#       row layouts)
+#       alone against XLA (norm_kernels_probe.py), then train_step.py --ab AB (default norm)
+#   bash benchmarks/device_runs.sh pairs NAME...  # on the GPU machine (carry .whl): train_step.py --ab NAME for each
+#       NAME, ~3 min each
 #   bash benchmarks/device_runs.sh long        # on the GPU machine (carry .whl): the b16 and b32 step, 30-step chains
 #   bash benchmarks/device_runs.sh rates       # on the GPU machine (carry .whl): the b32 step's profile without CUDA
 #       graphs by source, and each kernel's distance from a hardware rate (profile_rates.py)
@@ -178,6 +179,14 @@ case "$step" in
     export XLA_FLAGS=--xla_gpu_autotune_level=2
     boxed 400 "train_step_ab_$2" python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
       --ab "$2" --rounds 8 ;;
+  pairs)  # ~3 min per A/B
+    shift
+    wheels || exit 1
+    export XLA_FLAGS=--xla_gpu_autotune_level=2
+    for name in "$@"; do
+      boxed 280 "train_step_ab_$name" python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
+        --ab "$name" --rounds 8
+    done ;;
   norm)  # ~9 min: the residual LayerNorm's kernels alone against XLA (layouts and tilings, 3 levels, interleaved
     # rounds), then the b32 step's paired A/B (train_step.py --ab ${2:-norm})
     wheels || exit 1

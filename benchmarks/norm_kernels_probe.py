@@ -32,10 +32,10 @@ from benchmarks.lora_kernels_probe import SHAPES  # noqa: E402
 from idmp_jax.models import layers, pallas_norm  # noqa: E402
 
 
-def config(text: str) -> tuple[str, int, int]:
-  """'LAYOUT,TILE,WARPS' (layout m = masked, s = split: `pallas_norm.pieces`)."""
-  layout, tile, warps = text.split(",")
-  return {"m": "masked", "s": "split"}.get(layout, layout), int(tile), int(warps)
+def config(text: str) -> tuple[int, int]:
+  """'TILE,WARPS'."""
+  tile, warps = text.split(",")
+  return int(tile), int(warps)
 
 
 def _copy_kernel(x_ref, d_ref, h_ref, y_ref, *, br: int):
@@ -66,9 +66,8 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants; medians printed")
   p.add_argument("--levels", type=int, default=len(SHAPES), help="only the first N shapes (largest first)")
   p.add_argument("--configs", type=config, nargs="*",
-                 default=[("masked", 4096, 4), ("masked", 2048, 2), ("masked", 1024, 1), ("split", 4096, 4),
-                          ("split", 2048, 2), ("split", 1024, 1), ("split", 8192, 8), ("split", 2048, 4)],
-                 help="Pallas kernel configs, each as 'LAYOUT,TILE,WARPS' (m,4096,4 is the default)")
+                 default=[(4096, 4), (2048, 2), (1024, 1), (512, 1), (2048, 1)],
+                 help="Pallas kernel configs, each as 'TILE,WARPS' (pallas_norm.TILE and WARPS are the default)")
   args = p.parse_args(argv)
   rng = np.random.default_rng(0)
   shapes = ((64, 320), (32, 80)) if args.small else SHAPES[:args.levels]
@@ -104,9 +103,9 @@ def main(argv=None):
     if rows * c % (512 * 8) == 0:
       variants.append(("fwd+add", "copy 4096,4", lambda xs: [copy(x, d, br=8, num_warps=4, interpret=interpret)
                                                              for x, d in xs], xs, 4))
-    for layout, tile, warps in args.configs:
-      kw = dict(interpret=interpret, num_warps=warps, tile=tile, layout=layout)
-      name = f"{layout[0]} {tile},{warps}"
+    for tile, warps in args.configs:
+      kw = dict(interpret=interpret, num_warps=warps, tile=tile)
+      name = f"pallas {tile},{warps}"
       variants += [
           ("fwd+add", name, lambda xs, kw=kw: [pallas_norm.forward(x, d, scale, bias, eps=1e-5, **kw) for x, d in xs],
            xs, 4),

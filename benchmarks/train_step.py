@@ -231,7 +231,7 @@ def main():
                   "process, their pipelined chains interleaved (--rounds); flatten: the optimizer flattened or per "
                   "leaf; dx: the adapters' dx kernel (pallas_lora.up_grad) on or off; norm: the residual "
                   "LayerNorm's kernels (pallas_norm) or XLA; layout: the frozen weights in XLA's chosen layouts or "
-                  "row-major; split: the LayerNorm kernels' rows as power-of-two pieces or one masked tile")
+                  "row-major; tile: the LayerNorm kernels with 1024-element tiles and 1 warp or 4096 and 4")
   ap.add_argument("--rounds", type=int, default=6, help="--ab: chains per variant, alternating")
   ap.add_argument("--profile", default="", help="after timing, profile 3 steps into this folder and sum the "
                   "device kernels by kind (benchmarks/profile_summary.py)")
@@ -294,9 +294,9 @@ def _norm_kernels(mode):
   layers.NORM_KERNELS = mode
 
 
-def _norm_layout(layout):
+def _norm_tiling(tile, warps):
   from idmp_jax.models import pallas_norm
-  pallas_norm.LAYOUT = layout
+  pallas_norm.TILE, pallas_norm.WARPS = tile, warps
 
 
 def _none():
@@ -312,8 +312,8 @@ AB_VARIANTS = {
     "norm": {"norm_kernels": (None, lambda: _norm_kernels("auto"), None),
              "norm_xla": (None, lambda: _norm_kernels("xla"), None)},
     "layout": {"layout_auto": (None, _none, "auto"), "layout_default": (None, _none, "default")},
-    "split": {"norm_split": (None, lambda: _norm_layout("split"), None),
-              "norm_masked": (None, lambda: _norm_layout("masked"), None)},
+    "tile": {"norm_1024_1": (None, lambda: _norm_tiling(1024, 1), None),
+             "norm_4096_4": (None, lambda: _norm_tiling(4096, 4), None)},
 }
 
 
