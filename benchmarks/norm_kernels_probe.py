@@ -32,28 +32,44 @@ from benchmarks.lora_kernels_probe import SHAPES  # noqa: E402
 from idmp_jax.models import layers, pallas_norm  # noqa: E402
 
 
-def config(text: str) -> tuple[int, int]:
-  """'TILE,WARPS'."""
-  tile, warps = text.split(",")
-  return int(tile), int(warps)
+def config(text: str) -> tuple[int, int, int, int]:
+  """'TILE,WARPS[,STEPS,STAGES]' (pallas_norm.forward's tile, num_warps, steps, stages)."""
+  values = [int(v) for v in text.split(",")]
+  if len(values) not in (2, 4):
+    raise ValueError(f"config {text!r}: expected TILE,WARPS or TILE,WARPS,STEPS,STAGES")
+  return tuple(values + [1, 1][len(values) - 2:])
 
 
-def _copy_kernel(x_ref, d_ref, h_ref, y_ref, *, br: int):
-  """The forward's traffic without its arithmetic: h = x + delta and y = x, whole rows per program."""
-  rows = pl.ds(pl.program_id(0) * br, br)
-  x = x_ref[rows, :]
-  h_ref[rows, :] = x + d_ref[rows, :]
-  y_ref[rows, :] = x
+def _copy_kernel(x_ref, d_ref, h_ref, y_ref, *, br: int, programs: int, steps: int):
+  """The forward's traffic without its arithmetic: h = x + delta and y = x, `br` whole rows at a time; each program
+  takes `steps` blocks, `programs` blocks apart (steps > 1: a persistent grid, its loop for Triton to pipeline)."""
+  pid = pl.program_id(0)  # Outside the loop: the interpreter has no program_id inside one.
+
+  def block(i, carry):
+    rows = pl.ds((pid + i * programs) * br, br)
+    x = x_ref[rows, :]
+    h_ref[rows, :] = x + d_ref[rows, :]
+    y_ref[rows, :] = x
+    return carry
+
+  if steps == 1:
+    block(0, 0)
+  else:
+    jax.lax.fori_loop(0, steps, block, 0)
 
 
-def copy(x, delta, *, br: int, num_warps: int, width: int = 512, interpret: bool = False):
-  """A streaming floor for the forward: its bytes, viewed as rows of `width` (a power of two, no masks)."""
+def copy(x, delta, *, br: int, num_warps: int, steps: int = 1, stages: int = 1, width: int = 512,
+         interpret: bool = False):
+  """A streaming floor for the forward: its bytes, viewed as rows of `width` (a power of two, no masks); `steps`
+  blocks per program (the grid shrinks by as much; it must divide the blocks) and `stages` for Triton's pipeliner."""
   shape = x.shape
   x, delta = x.reshape(-1, width), delta.reshape(-1, width)
+  blocks = x.shape[0] // br
+  programs = blocks // steps
   out = pl.pallas_call(
-      functools.partial(_copy_kernel, br=br), grid=(x.shape[0] // br,),
+      functools.partial(_copy_kernel, br=br, programs=programs, steps=steps), grid=(programs,),
       out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)] * 2,
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1), interpret=interpret,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=stages), interpret=interpret,
       name="copy")(x, delta)
   return [o.reshape(shape) for o in out]
 
@@ -66,8 +82,14 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants; medians printed")
   p.add_argument("--levels", type=int, default=len(SHAPES), help="only the first N shapes (largest first)")
   p.add_argument("--configs", type=config, nargs="*",
-                 default=[(4096, 4), (2048, 2), (1024, 1), (512, 1), (2048, 1)],
-                 help="Pallas kernel configs, each as 'TILE,WARPS' (pallas_norm.TILE and WARPS are the default)")
+                 default=[(4096, 4, 1, 1), (1024, 1, 1, 1), (2048, 2, 1, 1), (4096, 4, 8, 3), (1024, 1, 8, 3),
+                          (8192, 8, 4, 3)],
+                 help="Pallas kernel configs, each as 'TILE,WARPS[,STEPS,STAGES]' (pallas_norm's TILE, WARPS, STEPS, "
+                 "STAGES are the default)")
+  p.add_argument("--copies", type=lambda t: tuple(int(v) for v in t.split(",")), nargs="*",
+                 default=[(8, 4, 1, 1), (8, 4, 8, 1), (8, 4, 8, 3), (16, 8, 8, 3), (4, 2, 16, 3)],
+                 help="Pallas copies with the forward's bytes (rows of 512), each 'ROWS,WARPS,STEPS,STAGES': ROWS "
+                 "per block, STEPS blocks per program in a loop (a persistent grid), STAGES for Triton's pipeliner")
   args = p.parse_args(argv)
   rng = np.random.default_rng(0)
   shapes = ((64, 320), (32, 80)) if args.small else SHAPES[:args.levels]
@@ -100,12 +122,14 @@ def main(argv=None):
       return [layers._normalize_bwd((1,), 1e-5, False, h.dtype, res(h, m, r), dy)[0] + dh for h, dy, dh, m, r in ins]
 
     variants.append(("bwd", "xla", xla_bwd, bwd_in, 4))
-    if rows * c % (512 * 8) == 0:
-      variants.append(("fwd+add", "copy 4096,4", lambda xs: [copy(x, d, br=8, num_warps=4, interpret=interpret)
-                                                             for x, d in xs], xs, 4))
-    for tile, warps in args.configs:
-      kw = dict(interpret=interpret, num_warps=warps, tile=tile)
-      name = f"pallas {tile},{warps}"
+    for br, warps, steps, stages in args.copies:  # Streaming floors: the forward's bytes, no arithmetic.
+      if rows * c % (512 * br * steps) == 0:
+        kw = dict(br=br, num_warps=warps, steps=steps, stages=stages, interpret=interpret)
+        variants.append(("fwd+add", f"copy {br},{warps},{steps},{stages}",
+                         lambda xs, kw=kw: [copy(x, d, **kw) for x, d in xs], xs, 4))
+    for tile, warps, steps, stages in args.configs:
+      kw = dict(interpret=interpret, num_warps=warps, tile=tile, steps=steps, stages=stages)
+      name = f"pallas {tile},{warps},{steps},{stages}"
       variants += [
           ("fwd+add", name, lambda xs, kw=kw: [pallas_norm.forward(x, d, scale, bias, eps=1e-5, **kw) for x, d in xs],
            xs, 4),
