@@ -34,6 +34,7 @@
 #   bash benchmarks/device_runs.sh pairs NAME...  # on the GPU machine (carry .whl): train_step.py --ab NAME for each
 #       NAME, ~3 min each
 #   bash benchmarks/device_runs.sh long        # on the GPU machine (carry .whl): the b16 and b32 step, 30-step chains
+#       (BATCHES="32": b32 only)
 #   bash benchmarks/device_runs.sh rates       # on the GPU machine (carry .whl): the b32 step's profile without CUDA
 #       graphs by source, and each kernel's distance from a hardware rate (profile_rates.py)
 #   bash benchmarks/device_runs.sh ab BASE [nocb]  # on the GPU machine (carry .whl, BASE): the b32 step of this tree
@@ -198,7 +199,9 @@ case "$step" in
     # chain carries ~0.5 ms a step of its first dispatch)
     wheels || exit 1
     export XLA_FLAGS=--xla_gpu_autotune_level=2
-    boxed 400 train_step_long python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 16 32 --steps 30 ;;
+    # shellcheck disable=SC2086  # BATCHES (default "16 32") is a list of batch sizes.
+    boxed 400 train_step_long python3 -X faulthandler benchmarks/train_step.py --kind unet --batch ${BATCHES:-16 32} \
+      --steps 30 ;;
   rates)  # ~3.5 min: the b32 step profiled without CUDA graphs, summed by source and by distance from a hardware
     # rate (benchmarks/profile_rates.py)
     wheels || exit 1

@@ -32,12 +32,10 @@ from benchmarks.lora_kernels_probe import SHAPES  # noqa: E402
 from idmp_jax.models import layers, pallas_norm  # noqa: E402
 
 
-def config(text: str) -> tuple[int, int, int, int]:
-  """'TILE,WARPS[,STEPS,STAGES]' (pallas_norm.forward's tile, num_warps, steps, stages)."""
-  values = [int(v) for v in text.split(",")]
-  if len(values) not in (2, 4):
-    raise ValueError(f"config {text!r}: expected TILE,WARPS or TILE,WARPS,STEPS,STAGES")
-  return tuple(values + [1, 1][len(values) - 2:])
+def config(text: str) -> tuple[int, int]:
+  """'TILE,WARPS' (pallas_norm.forward's tile and num_warps)."""
+  tile, warps = text.split(",")
+  return int(tile), int(warps)
 
 
 def _copy_kernel(x_ref, d_ref, h_ref, y_ref, *, br: int, programs: int, steps: int):
@@ -82,12 +80,10 @@ def main(argv=None):
   p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the variants; medians printed")
   p.add_argument("--levels", type=int, default=len(SHAPES), help="only the first N shapes (largest first)")
   p.add_argument("--configs", type=config, nargs="*",
-                 default=[(4096, 4, 1, 1), (1024, 1, 1, 1), (2048, 2, 1, 1), (4096, 4, 8, 3), (1024, 1, 8, 3),
-                          (8192, 8, 4, 3)],
-                 help="Pallas kernel configs, each as 'TILE,WARPS[,STEPS,STAGES]' (pallas_norm's TILE, WARPS, STEPS, "
-                 "STAGES are the default)")
+                 default=[(4096, 4), (1024, 1), (2048, 2), (2048, 1)],
+                 help="Pallas kernel configs, each as 'TILE,WARPS' (pallas_norm.TILE and WARPS are the default)")
   p.add_argument("--copies", type=lambda t: tuple(int(v) for v in t.split(",")), nargs="*",
-                 default=[(8, 4, 1, 1), (8, 4, 8, 1), (8, 4, 8, 3), (16, 8, 8, 3), (4, 2, 16, 3)],
+                 default=[(8, 4, 1, 1), (8, 4, 8, 1)],
                  help="Pallas copies with the forward's bytes (rows of 512), each 'ROWS,WARPS,STEPS,STAGES': ROWS "
                  "per block, STEPS blocks per program in a loop (a persistent grid), STAGES for Triton's pipeliner")
   args = p.parse_args(argv)
@@ -127,9 +123,9 @@ def main(argv=None):
         kw = dict(br=br, num_warps=warps, steps=steps, stages=stages, interpret=interpret)
         variants.append(("fwd+add", f"copy {br},{warps},{steps},{stages}",
                          lambda xs, kw=kw: [copy(x, d, **kw) for x, d in xs], xs, 4))
-    for tile, warps, steps, stages in args.configs:
-      kw = dict(interpret=interpret, num_warps=warps, tile=tile, steps=steps, stages=stages)
-      name = f"pallas {tile},{warps},{steps},{stages}"
+    for tile, warps in args.configs:
+      kw = dict(interpret=interpret, num_warps=warps, tile=tile)
+      name = f"pallas {tile},{warps}"
       variants += [
           ("fwd+add", name, lambda xs, kw=kw: [pallas_norm.forward(x, d, scale, bias, eps=1e-5, **kw) for x, d in xs],
            xs, 4),

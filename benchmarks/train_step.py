@@ -231,8 +231,7 @@ def main():
                   "process, their pipelined chains interleaved (--rounds); flatten: the optimizer flattened or per "
                   "leaf; dx: the adapters' dx kernel (pallas_lora.up_grad) on or off; norm: the residual "
                   "LayerNorm's kernels (pallas_norm) or XLA; layout: the frozen weights in XLA's chosen layouts or "
-                  "row-major; tile: the LayerNorm kernels with 1024-element tiles and 1 warp or 4096 and 4; persist: "
-                  "8 row blocks of 4096 elements per program in a 3-stage loop or one of 1024")
+                  "row-major; tile: the LayerNorm kernels with 1024-element tiles and 1 warp or 4096 and 4")
   ap.add_argument("--rounds", type=int, default=6, help="--ab: chains per variant, alternating")
   ap.add_argument("--profile", default="", help="after timing, profile 3 steps into this folder and sum the "
                   "device kernels by kind (benchmarks/profile_summary.py)")
@@ -295,9 +294,9 @@ def _norm_kernels(mode):
   layers.NORM_KERNELS = mode
 
 
-def _norm_tiling(tile, warps, steps=1, stages=1):
+def _norm_tiling(tile, warps):
   from idmp_jax.models import pallas_norm
-  pallas_norm.TILE, pallas_norm.WARPS, pallas_norm.STEPS, pallas_norm.STAGES = tile, warps, steps, stages
+  pallas_norm.TILE, pallas_norm.WARPS = tile, warps
 
 
 def _none():
@@ -315,8 +314,6 @@ AB_VARIANTS = {
     "layout": {"layout_auto": (None, _none, "auto"), "layout_default": (None, _none, "default")},
     "tile": {"norm_1024_1": (None, lambda: _norm_tiling(1024, 1), None),
              "norm_4096_4": (None, lambda: _norm_tiling(4096, 4), None)},
-    "persist": {"norm_loop_4096_4_8_3": (None, lambda: _norm_tiling(4096, 4, 8, 3), None),
-                "norm_1024_1": (None, lambda: _norm_tiling(1024, 1), None)},
 }
 
 

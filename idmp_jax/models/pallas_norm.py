@@ -25,13 +25,10 @@ from jax.experimental.pallas import triton as plgpu
 MAX_CHANNELS = 2048
 # Elements of a program's (rows, padded channels) tile (rows per program = TILE // padded channels) and its warps:
 # what `tuning` gives the model's calls. Read when a step is traced. One warp on 1024 elements (2 rows at C = 320,
-# one row at 640 and 1280) beat 4 warps on 4096 in 8 of the 9 (level, pass) cells of the b32 probe, by 3-23% (H200,
-# `norm_kernels_probe.py`, 3 interleaved rounds, 2026-12-03 09:35).
+# one row at 640 and 1280) beat 4 warps on 4096 in most (level, pass) cells of the b32 probe and by 0.43 ms in the
+# step, paired (H200, BENCHMARKS.md, 2026-12-03).
 TILE = 1024
 WARPS = 1
-# Row blocks per program (> 1: a persistent-style loop) and Triton pipeline stages for that loop.
-STEPS = 1
-STAGES = 1
 
 
 def padded(c: int) -> int:
@@ -50,86 +47,57 @@ def supported(rows: int, c: int) -> bool:
   return 0 < c <= MAX_CHANNELS and rows > 0 and rows < 2**31 // max(c, 1)
 
 
-def _tile(row0, br: int, c: int, cp: int):
-  """(row indices of the block at row0, column indices, the (br, cp) mask of real columns)."""
-  rows = row0 + jnp.arange(br)
+def _tile(br: int, c: int, cp: int):
+  """(row offsets within the program's block, column indices, the (br, cp) mask of real columns)."""
+  rows = pl.program_id(0) * br + jnp.arange(br)
   cols = jnp.arange(cp)
   return rows, cols, jnp.broadcast_to(cols[None, :] < c, (br, cp))
 
 
-def _for_blocks(block, br: int, programs: int, steps: int):
-  """block(row0) for this program's `steps` row blocks, `programs` blocks apart (steps > 1: a loop, which Triton may
-  pipeline, its per-program loads hoisted)."""
-  pid = pl.program_id(0)  # Outside the loop: the interpreter has no program_id inside one.
-  if steps == 1:
-    block(pid * br)
-    return
-  jax.lax.fori_loop(0, steps, lambda i, carry: (block((pid + i * programs) * br), carry)[1], 0)
-
-
-def _forward_kernel(*refs, c: int, cp: int, br: int, eps: float, has_delta: bool, programs: int, steps: int):
+def _forward_kernel(*refs, c: int, cp: int, br: int, eps: float, has_delta: bool):
   if has_delta:
     x_ref, d_ref, scale_ref, bias_ref, h_ref, y_ref, mean_ref, rstd_ref = refs
   else:
     x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref = refs
-  cols = jnp.arange(cp)
+  rows, cols, mask = _tile(br, c, cp)
+  at = (rows[:, None], cols[None, :])
+  h = plgpu.load(x_ref.at[at], mask=mask, other=0.0)
+  if has_delta:  # Rounded to the stream's dtype, as the add in XLA: the statistics are of the stored h.
+    h = (h.astype(jnp.float32) + plgpu.load(d_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)).astype(h.dtype)
+    plgpu.store(h_ref.at[at], h, mask=mask)
+  hf = h.astype(jnp.float32)
+  mean = jnp.sum(hf, axis=1) / c
+  dev = jnp.where(mask, hf - mean[:, None], 0.0)
+  rstd = jax.lax.rsqrt(jnp.sum(dev * dev, axis=1) / c + eps)
+  col_mask = cols < c
+  scale = plgpu.load(scale_ref.at[cols], mask=col_mask, other=0.0).astype(jnp.float32)
+  bias = plgpu.load(bias_ref.at[cols], mask=col_mask, other=0.0).astype(jnp.float32)
+  y = dev * rstd[:, None] * scale[None, :] + bias[None, :]
+  plgpu.store(y_ref.at[at], y.astype(y_ref.dtype), mask=mask)
+  plgpu.store(mean_ref.at[rows], mean)
+  plgpu.store(rstd_ref.at[rows], rstd)
+
+
+def _backward_kernel(h_ref, dy_ref, dh_ref, mean_ref, rstd_ref, scale_ref, dx_ref, *, c: int, cp: int, br: int):
+  rows, cols, mask = _tile(br, c, cp)
+  at = (rows[:, None], cols[None, :])
+  mean = plgpu.load(mean_ref.at[rows])
+  rstd = plgpu.load(rstd_ref.at[rows])
   scale = plgpu.load(scale_ref.at[cols], mask=cols < c, other=0.0).astype(jnp.float32)
-  bias = plgpu.load(bias_ref.at[cols], mask=cols < c, other=0.0).astype(jnp.float32)
-
-  def block(row0):
-    rows, cols, mask = _tile(row0, br, c, cp)
-    at = (rows[:, None], cols[None, :])
-    h = plgpu.load(x_ref.at[at], mask=mask, other=0.0)
-    if has_delta:  # Rounded to the stream's dtype, as the add in XLA: the statistics are of the stored h.
-      h = (h.astype(jnp.float32) + plgpu.load(d_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
-           ).astype(h.dtype)
-      plgpu.store(h_ref.at[at], h, mask=mask)
-    hf = h.astype(jnp.float32)
-    mean = jnp.sum(hf, axis=1) / c
-    dev = jnp.where(mask, hf - mean[:, None], 0.0)
-    rstd = jax.lax.rsqrt(jnp.sum(dev * dev, axis=1) / c + eps)
-    y = dev * rstd[:, None] * scale[None, :] + bias[None, :]
-    plgpu.store(y_ref.at[at], y.astype(y_ref.dtype), mask=mask)
-    plgpu.store(mean_ref.at[rows], mean)
-    plgpu.store(rstd_ref.at[rows], rstd)
-
-  _for_blocks(block, br, programs, steps)
-
-
-def _backward_kernel(h_ref, dy_ref, dh_ref, mean_ref, rstd_ref, scale_ref, dx_ref, *, c: int, cp: int, br: int,
-                     programs: int, steps: int):
-  cols = jnp.arange(cp)
-  scale = plgpu.load(scale_ref.at[cols], mask=cols < c, other=0.0).astype(jnp.float32)
-
-  def block(row0):
-    rows, cols, mask = _tile(row0, br, c, cp)
-    at = (rows[:, None], cols[None, :])
-    mean = plgpu.load(mean_ref.at[rows])
-    rstd = plgpu.load(rstd_ref.at[rows])
-    h = plgpu.load(h_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
-    xhat = jnp.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
-    g = plgpu.load(dy_ref.at[at], mask=mask, other=0.0).astype(jnp.float32) * scale[None, :]
-    m1 = jnp.sum(g, axis=1) / c
-    m2 = jnp.sum(g * xhat, axis=1) / c
-    dx = rstd[:, None] * (g - m1[:, None] - xhat * m2[:, None])
-    dx = dx + plgpu.load(dh_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
-    plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=mask)
-
-  _for_blocks(block, br, programs, steps)
-
-
-def _grid(rows: int, br: int, steps: int) -> tuple[int, int]:
-  """(programs, blocks per program): `steps` halved until it divides the row blocks."""
-  blocks = rows // br
-  while blocks % steps:
-    steps //= 2
-  return blocks // steps, steps
+  h = plgpu.load(h_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+  xhat = jnp.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+  g = plgpu.load(dy_ref.at[at], mask=mask, other=0.0).astype(jnp.float32) * scale[None, :]
+  m1 = jnp.sum(g, axis=1) / c
+  m2 = jnp.sum(g * xhat, axis=1) / c
+  dx = rstd[:, None] * (g - m1[:, None] - xhat * m2[:, None])
+  dx = dx + plgpu.load(dh_ref.at[at], mask=mask, other=0.0).astype(jnp.float32)
+  plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=mask)
 
 
 def tuning(rows: int, c: int) -> dict:
-  """The keyword arguments (tile, num_warps, steps, stages) of `forward` and `backward` for a (rows, C) stream."""
+  """The keyword arguments (tile, num_warps) of `forward` and `backward` for a (rows, C) stream."""
   del rows, c
-  return dict(tile=TILE, num_warps=WARPS, steps=STEPS, stages=STAGES)
+  return dict(tile=TILE, num_warps=WARPS)
 
 
 def _check(x, what: str):
@@ -137,41 +105,36 @@ def _check(x, what: str):
     raise ValueError(f"LayerNorm {what} kernel: input {x.shape} is not (rows, C) with C <= {MAX_CHANNELS}")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret", "num_warps", "tile", "steps", "stages"))
-def forward(x, delta, scale, bias, *, eps: float, interpret: bool = False, num_warps: int = 4, tile: int = TILE,
-            steps: int = 1, stages: int = 1):
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "num_warps", "tile"))
+def forward(x, delta, scale, bias, *, eps: float, interpret: bool = False, num_warps: int = 4, tile: int = TILE):
   """(h, y, mean, rstd) for x (rows, C) and delta (rows, C) or None: h = x + delta (None when delta is None), y =
   (h - mean) * rstd * scale + bias in x's dtype, mean and rstd (rows,) fp32 over each row."""
   _check(x, "forward")
   rows, c = x.shape
   cp, br = padded(c), block_rows(rows, c, tile)
-  programs, steps = _grid(rows, br, steps)
   has_delta = delta is not None
   stats = jax.ShapeDtypeStruct((rows,), jnp.float32)
   out_shape = ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if has_delta else []) + [
       jax.ShapeDtypeStruct(x.shape, x.dtype), stats, stats]
   outs = pl.pallas_call(
-      functools.partial(_forward_kernel, c=c, cp=cp, br=br, eps=eps, has_delta=has_delta, programs=programs,
-                        steps=steps),
-      grid=(programs,), out_shape=out_shape,
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=stages),
+      functools.partial(_forward_kernel, c=c, cp=cp, br=br, eps=eps, has_delta=has_delta),
+      grid=(rows // br,), out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name="layer_norm_forward",
   )(x, *([delta.astype(x.dtype)] if has_delta else []), scale, bias)
   return tuple(outs) if has_delta else (None, *outs)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "tile", "steps", "stages"))
-def backward(h, dy, dh, mean, rstd, scale, *, interpret: bool = False, num_warps: int = 4, tile: int = TILE,
-             steps: int = 1, stages: int = 1):
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "tile"))
+def backward(h, dy, dh, mean, rstd, scale, *, interpret: bool = False, num_warps: int = 4, tile: int = TILE):
   """dx = dh + the LayerNorm's input gradient for the output cotangent dy, at h with its (mean, rstd); in h's dtype,
   summed in fp32 and rounded once."""
   _check(h, "backward")
   rows, c = h.shape
   cp, br = padded(c), block_rows(rows, c, tile)
-  programs, steps = _grid(rows, br, steps)
   return pl.pallas_call(
-      functools.partial(_backward_kernel, c=c, cp=cp, br=br, programs=programs, steps=steps),
-      grid=(programs,), out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=stages),
+      functools.partial(_backward_kernel, c=c, cp=cp, br=br),
+      grid=(rows // br,), out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret, name="layer_norm_backward",
   )(h, dy.astype(h.dtype), dh.astype(h.dtype), mean, rstd, scale)
