@@ -256,8 +256,9 @@ def test_bad_data_and_sharding_settings_fail_before_compute(prepared, tmp_path):
         setattr(sample, k, v)
       with pytest.raises(error, match=message):
         inpaint_sample.run(sample, str(tmp_path / "sample"), mesh)
-  for rules, message in (("fsdb", "config.sharding_rules = 'fsdb': not a preset"),
-                         ((("kernel$", "shard"),), "tactic in")):
+  for field, message in ((dict(sharding_rules="fsdb"), "config.sharding_rules = 'fsdb': not a preset"),
+                         (dict(sharding_rules=(("kernel$", "shard"),)), "tactic in"),
+                         (dict(frozen_layouts="tiled"), "config.frozen_layouts = 'tiled'")):
     with pytest.raises(ValueError, match=message):
-      inpaint_train.run(load_config(model_dir=prepared["model_dir"], data_dir=prepared["data_dir"],
-                                    sharding_rules=rules), str(tmp_path / "rules"), mesh)
+      inpaint_train.run(load_config(model_dir=prepared["model_dir"], data_dir=prepared["data_dir"], **field),
+                        str(tmp_path / "rules"), mesh)

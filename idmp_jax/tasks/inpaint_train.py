@@ -68,6 +68,7 @@ def run(config, workdir: str, mesh):
   os.makedirs(workdir, exist_ok=True)
   dtype, frozen_dtype = jnp.dtype(config.dtype), jnp.dtype(config.frozen_dtype)
   parallel.sharding_rules(config.sharding_rules)  # A bad preset name or rule fails before anything is built.
+  frozen_layouts = _frozen_layouts(config)  # So does a bad frozen_layouts.
 
   model_dir, data_dir = _inputs(config, workdir)
   tokenizer = load_clip_tokenizer(model_dir)
@@ -127,8 +128,7 @@ def run(config, workdir: str, mesh):
   # ---- Shardings and state -------------------------------------------------------------------------------
   tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch)
   replicated = parallel.replicated(mesh)
-  frozen = parallel.FrozenWeights(jax.device_put(frozen, frozen_shardings(frozen, mesh, config)),
-                                  _frozen_layouts(config))
+  frozen = parallel.FrozenWeights(jax.device_put(frozen, frozen_shardings(frozen, mesh, config)), frozen_layouts)
   # Step k's randomness: fold_in(fold_in(root, 1), k); validation batch i's: fold_in(fold_in(root, 2), i).
   init_state = lambda p: diffusion.init_state(p, tx, jax.random.fold_in(root_key, 1))
   # The LoRA weights and the optimizer state follow the same rules. The "fsdp" preset leaves them replicated:
