@@ -194,9 +194,11 @@ class FrozenWeights:
   *rest, **jit_kwargs)` an executable of (first, self.tree, *rest). `tree` is the weights as the steps take them.
   """
 
+  LAYOUTS = ("auto", "default")
+
   def __init__(self, tree: Any, layouts: str = "auto"):
-    if layouts not in ("auto", "default"):
-      raise ValueError(f"frozen weight layouts {layouts!r}: expected 'auto' or 'default'")
+    if layouts not in self.LAYOUTS:
+      raise ValueError(f"frozen weight layouts {layouts!r}: expected one of {self.LAYOUTS}")
     self.tree = tree
     self._formats = None if layouts == "auto" else jax.tree.map(lambda x: x.sharding, tree)
 

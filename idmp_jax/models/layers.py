@@ -212,7 +212,7 @@ def _residual_layer_norm_fwd(x, delta, scale, bias, eps):
   rows = math.prod(shape[:-1])
   h, y, mean, rstd = pallas_norm.forward(x.reshape(rows, c), None if delta is None else delta.reshape(rows, c),
                                          scale, bias, eps=eps, interpret=NORM_KERNELS == "interpret",
-                                         **pallas_norm.tuning(rows, c))
+                                         **pallas_norm.tuning())
   h = x if h is None else h.reshape(shape)
   # The last residual says, by its pytree structure alone, whether there was a delta to give a gradient.
   return (h, y.reshape(shape)), (h, scale, bias, mean, rstd, None if delta is None else ())
@@ -225,8 +225,7 @@ def _residual_layer_norm_bwd(eps, res, cotangents):
   shape, c = h.shape, h.shape[-1]
   rows = math.prod(shape[:-1])
   dx = pallas_norm.backward(h.reshape(rows, c), dy.reshape(rows, c), dh.reshape(rows, c), mean, rstd, scale,
-                            interpret=NORM_KERNELS == "interpret", **pallas_norm.tuning(rows, c)
-                            ).reshape(shape)
+                            interpret=NORM_KERNELS == "interpret", **pallas_norm.tuning()).reshape(shape)
   # The affine parameters' gradients as XLA expressions: dead (and dropped) when they are frozen.
   stats = (mean.reshape(*shape[:-1], 1), rstd.reshape(*shape[:-1], 1))
   _, dscale, dbias = _normalize_bwd((h.ndim - 1,), eps, False, h.dtype, (h, scale, bias, *stats), dy)

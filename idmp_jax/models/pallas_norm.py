@@ -94,9 +94,9 @@ def _backward_kernel(h_ref, dy_ref, dh_ref, mean_ref, rstd_ref, scale_ref, dx_re
   plgpu.store(dx_ref.at[at], dx.astype(dx_ref.dtype), mask=mask)
 
 
-def tuning(rows: int, c: int) -> dict:
-  """The keyword arguments (tile, num_warps) of `forward` and `backward` for a (rows, C) stream."""
-  del rows, c
+def tuning() -> dict:
+  """The keyword arguments (tile, num_warps) the model passes `forward` and `backward`: TILE and WARPS as they are
+  when the step is traced (a default argument would keep their values at import)."""
   return dict(tile=TILE, num_warps=WARPS)
 
 
@@ -106,7 +106,7 @@ def _check(x, what: str):
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret", "num_warps", "tile"))
-def forward(x, delta, scale, bias, *, eps: float, interpret: bool = False, num_warps: int = 4, tile: int = TILE):
+def forward(x, delta, scale, bias, *, eps: float, interpret: bool = False, num_warps: int = WARPS, tile: int = TILE):
   """(h, y, mean, rstd) for x (rows, C) and delta (rows, C) or None: h = x + delta (None when delta is None), y =
   (h - mean) * rstd * scale + bias in x's dtype, mean and rstd (rows,) fp32 over each row."""
   _check(x, "forward")
@@ -126,7 +126,7 @@ def forward(x, delta, scale, bias, *, eps: float, interpret: bool = False, num_w
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "tile"))
-def backward(h, dy, dh, mean, rstd, scale, *, interpret: bool = False, num_warps: int = 4, tile: int = TILE):
+def backward(h, dy, dh, mean, rstd, scale, *, interpret: bool = False, num_warps: int = WARPS, tile: int = TILE):
   """dx = dh + the LayerNorm's input gradient for the output cotangent dy, at h with its (mean, rstd); in h's dtype,
   summed in fp32 and rounded once."""
   _check(h, "backward")

@@ -207,8 +207,9 @@ def run(config, workdir: str, mesh):
 
 def _frozen_layouts(config) -> str:
   layouts = config.get("frozen_layouts", "auto")
-  if layouts not in ("auto", "default"):
-    raise ValueError(f"config.frozen_layouts = {layouts!r}: expected 'auto' (the layouts XLA picks) or 'default'")
+  if layouts not in parallel.FrozenWeights.LAYOUTS:
+    raise ValueError(f"config.frozen_layouts = {layouts!r}: expected one of {parallel.FrozenWeights.LAYOUTS} ('auto': "
+                     "the layouts XLA picks, 'default': row-major)")
   return layouts
 
 
