@@ -1,0 +1,174 @@
+"""The feed-forward's GEGLU projection, y = value * gelu(gate) for [value | gate] = x W + b, with the GELU in the
+GEMM's epilogue, and its backward with the second projection's data gradient in the prologue, as Pallas (Triton)
+kernels: the GPU implementation of `layers.geglu_feed_forward`.
+
+Why: in the SD-2 UNet at b32 each 64x64-level feed-forward writes [value | gate] (671 MB), reads it back for GEGLU
+and writes y; its backward writes dy = dz W2^T (335 MB) and reads it back with [value | gate] (H200 profile,
+BENCHMARKS.md). Here:
+
+  `forward`   (x, W, b) -> y [, h = [value | gate]]: the GEMM's tiles feed the GELU in registers; h is written only
+              when the backward is to read it (`save`).
+  `backward`  (dz, W2, h) or (dz, W2, x, W, b) -> dh = d[value | gate]: dy = dz W2^T tile by tile in registers,
+              value and gate read from h or recomputed from x (two more GEMMs, no 671 MB residual).
+
+Operands are viewed so that one program's (value, gate) column tiles are one block: W (K, 2I) as (K, 2, I), h and dh
+(rows, 2I) as (rows, 2, I), b as (2, I) (free reshapes).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# (block_m, block_n, block_k, num_warps, num_stages) unless given.
+TILING = (128, 64, 64, 4, 3)
+
+# erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (clamped outside, where erf is +-1 in fp32): Eigen's float erf, which XLA's
+# CPU and GPU backends also evaluate for fp32. Triton's Pallas lowering has no erf.
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def erf(x):
+  """fp32 erf from + - * / only (see _ERF_P)."""
+  x = jnp.clip(x, -4.0, 4.0)
+  x2 = x * x
+  p = jnp.full_like(x, _ERF_P[0])
+  for c in _ERF_P[1:]:
+    p = p * x2 + c
+  q = jnp.full_like(x, _ERF_Q[0])
+  for c in _ERF_Q[1:]:
+    q = q * x2 + c
+  return x * p / q
+
+
+def _cdf(x):
+  return 0.5 * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def _dot(a, b, *, trans_b: bool = False):
+  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _value_gate(x_ref, w_ref, b_ref, k: int, bk: int, bm: int, bn: int, dtype, extra=None):
+  """(value, gate) tiles in `dtype` (fp32 accumulation, the bias added before the one rounding), and optionally the
+  accumulation of `extra(k0)` in the same loop over K."""
+  def body(t, accs):
+    k0 = pl.multiple_of(t * bk, bk)
+    xt = x_ref[:, pl.ds(k0, bk)]
+    out = (accs[0] + _dot(xt, w_ref[pl.ds(k0, bk), 0, :]), accs[1] + _dot(xt, w_ref[pl.ds(k0, bk), 1, :]))
+    return out + ((accs[2] + extra(k0),) if extra else ())
+
+  zeros = jnp.zeros((bm, bn), jnp.float32)
+  accs = jax.lax.fori_loop(0, k // bk, body, (zeros,) * (3 if extra else 2))
+  value = (accs[0] + b_ref[0, :].astype(jnp.float32)[None, :]).astype(dtype)
+  gate = (accs[1] + b_ref[1, :].astype(jnp.float32)[None, :]).astype(dtype)
+  return value, gate, (accs[2] if extra else None)
+
+
+def _forward_kernel(x_ref, w_ref, b_ref, *out_refs, k: int, bk: int, bm: int, bn: int, save: bool):
+  y_ref = out_refs[0]
+  value, gate, _ = _value_gate(x_ref, w_ref, b_ref, k, bk, bm, bn, y_ref.dtype)
+  if save:
+    out_refs[1][:, 0, :] = value
+    out_refs[1][:, 1, :] = gate
+  v, g = value.astype(jnp.float32), gate.astype(jnp.float32)
+  y_ref[...] = (v * g * _cdf(g)).astype(y_ref.dtype)
+
+
+def _backward_kernel(*refs, c: int, bk: int, bm: int, bn: int, recompute: bool):
+  if recompute:
+    dz_ref, w2_ref, x_ref, w_ref, b_ref, dh_ref = refs
+  else:
+    dz_ref, w2_ref, h_ref, dh_ref = refs
+  dtype = dh_ref.dtype
+  dy_part = lambda k0: _dot(dz_ref[:, pl.ds(k0, bk)], w2_ref[:, pl.ds(k0, bk)], trans_b=True)
+  if recompute:  # x and dz have the same width C: one loop, three accumulators.
+    value, gate, dy = _value_gate(x_ref, w_ref, b_ref, c, bk, bm, bn, dtype, extra=dy_part)
+  else:
+    dy = jax.lax.fori_loop(0, c // bk, lambda t, acc: acc + dy_part(pl.multiple_of(t * bk, bk)),
+                           jnp.zeros((bm, bn), jnp.float32))
+    value, gate = h_ref[:, 0, :], h_ref[:, 1, :]
+  dy = dy.astype(dtype).astype(jnp.float32)  # dy rounded as the unfused path's GEMM writes it.
+  v, g = value.astype(jnp.float32), gate.astype(jnp.float32)
+  cdf = _cdf(g)
+  pdf = jnp.exp(-0.5 * g * g) * (1.0 / math.sqrt(2.0 * math.pi))
+  dh_ref[:, 0, :] = (dy * g * cdf).astype(dtype)
+  dh_ref[:, 1, :] = (dy * v * (cdf + g * pdf)).astype(dtype)
+
+
+def supported(rows: int, k: int, inner: int, tiling=TILING) -> bool:
+  bm, bn, bk = tiling[:3]
+  return rows % bm == 0 and inner % bn == 0 and k % bk == 0 and rows > 0
+
+
+def _check(rows, k, inner, tiling, what):
+  if not supported(rows, k, inner, tiling):
+    raise ValueError(f"GEGLU {what} kernel: {rows} rows, K {k}, inner {inner} do not divide into the tiling "
+                     f"{tiling[:3]} (block_m, block_n, block_k)")
+
+
+@functools.partial(jax.jit, static_argnames=("save", "tiling", "interpret"))
+def forward(x, w, b, *, save: bool = False, tiling=TILING, interpret: bool = False):
+  """y = value * gelu(gate) for [value | gate] = x w + b: x (rows, K), w (K, 2I), b (2I,); with `save`, (y, h)
+  where h (rows, 2I) = [value | gate] in x's dtype."""
+  (rows, k), inner = x.shape, w.shape[1] // 2
+  if w.shape != (k, 2 * inner) or b.shape != (2 * inner,):
+    raise ValueError(f"GEGLU forward kernel: x {x.shape}, w {w.shape}, b {b.shape} do not fit (K, 2I) and (2I,)")
+  _check(rows, k, inner, tiling, "forward")
+  bm, bn, bk, warps, stages = tiling
+  out_specs = [pl.BlockSpec((bm, bn), lambda i, j: (i, j))]
+  out_shape = [jax.ShapeDtypeStruct((rows, inner), x.dtype)]
+  if save:
+    out_specs.append(pl.BlockSpec((bm, 2, bn), lambda i, j: (i, 0, j)))
+    out_shape.append(jax.ShapeDtypeStruct((rows, 2, inner), x.dtype))
+  out = pl.pallas_call(
+      functools.partial(_forward_kernel, k=k, bk=bk, bm=bm, bn=bn, save=save),
+      grid=(rows // bm, inner // bn),
+      in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)), pl.BlockSpec((k, 2, bn), lambda i, j: (0, 0, j)),
+                pl.BlockSpec((2, bn), lambda i, j: (0, j))],
+      out_specs=out_specs, out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+      interpret=interpret, name="geglu_forward",
+  )(x, w.astype(x.dtype).reshape(k, 2, inner), b.reshape(2, inner))
+  return (out[0], out[1].reshape(rows, 2 * inner)) if save else out[0]
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret"))
+def backward(dz, w2, h=None, x=None, w=None, b=None, *, tiling=TILING, interpret: bool = False):
+  """dh = d[value | gate] (rows, 2I) of z = (value * gelu(gate)) w2 for the cotangent dz (rows, C), w2 (I, C);
+  value and gate from h (rows, 2I), or recomputed from x (rows, C), w (C, 2I), b (2I,) when h is None."""
+  (rows, c), inner = dz.shape, w2.shape[0]
+  recompute = h is None
+  if w2.shape != (inner, c) or (recompute and (x is None or x.shape != (rows, c) or w.shape != (c, 2 * inner))) or (
+      not recompute and h.shape != (rows, 2 * inner)):
+    raise ValueError(f"GEGLU backward kernel: dz {dz.shape}, w2 {w2.shape}, h {None if h is None else h.shape}, "
+                     f"x {None if x is None else x.shape} do not fit")
+  _check(rows, c, inner, tiling, "backward")
+  bm, bn, bk, warps, stages = tiling
+  rowblock = pl.BlockSpec((bm, c), lambda i, j: (i, 0))
+  in_specs = [rowblock, pl.BlockSpec((bn, c), lambda i, j: (j, 0))]
+  if recompute:
+    in_specs += [rowblock, pl.BlockSpec((c, 2, bn), lambda i, j: (0, 0, j)), pl.BlockSpec((2, bn), lambda i, j: (0, j))]
+    operands = (x, w.astype(dz.dtype).reshape(c, 2, inner), b.reshape(2, inner))
+  else:
+    in_specs.append(pl.BlockSpec((bm, 2, bn), lambda i, j: (i, 0, j)))
+    operands = (h.reshape(rows, 2, inner),)
+  dh = pl.pallas_call(
+      functools.partial(_backward_kernel, c=c, bk=bk, bm=bm, bn=bn, recompute=recompute),
+      grid=(rows // bm, inner // bn),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((bm, 2, bn), lambda i, j: (i, 0, j)),
+      out_shape=jax.ShapeDtypeStruct((rows, 2, inner), dz.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+      interpret=interpret, name="geglu_backward",
+  )(dz, w2.astype(dz.dtype), *operands)
+  return dh.reshape(rows, 2 * inner)
