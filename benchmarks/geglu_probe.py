@@ -1,11 +1,12 @@
 """The transformer blocks' GEGLU feed-forward on the SD-2 UNet's shapes at b32, 512 px: XLA's path (cuBLAS GEMMs and
 `layers.geglu`'s fused passes) against `pallas_geglu`'s kernels (issue 5). Per shape (rows, C), inner I = 4C:
 
-  fwd    x -> y = GEGLU(x W + b): XLA's GEMM + GEGLU pass; the kernel with h saved ("save") or not ("nosave")
+  fwd    x -> y = GEGLU(x W + b): XLA's GEMM + GEGLU pass; the Triton kernel with h saved ("save") or not
+         ("nosave"); the Hopper (Mosaic GPU) kernel likewise ("mgpu save", "mgpu nosave")
   bwd    (dz, ...) -> dh: XLA's dy = dz W2^T GEMM + GEGLU backward pass; the kernel reading h ("saved") or
          recomputing it from x ("recompute")
   ff     the whole feed-forward x -> z = y W2 + b2, forward + backward to dx, for XLA and the best tiling of each
-         kernel pair
+         kernel pair ("mgpu": the Hopper forward, XLA's backward)
 
   python benchmarks/geglu_probe.py            # on the GPU
   python benchmarks/geglu_probe.py --small    # CPU smoke test (kernels interpreted, tiny shapes)
@@ -48,13 +49,18 @@ def feed_forward(mode: str, w, b, w2, b2, fwd_tiling=None, bwd_tiling=None, inte
     return xla(x)
 
   def fwd(x):
+    if mode == "mgpu":
+      y, h = pallas_geglu.forward_mgpu(x, w, b, save=True, tiling=fwd_tiling)
+      return jnp.dot(y, w2) + b2, h
     if mode == "save":
       y, h = pallas_geglu.forward(x, w, b, save=True, tiling=fwd_tiling, interpret=interpret)
       return jnp.dot(y, w2) + b2, h
     return jnp.dot(pallas_geglu.forward(x, w, b, tiling=fwd_tiling, interpret=interpret), w2) + b2, x
 
   def bwd(res, dz):
-    if mode == "save":
+    if mode == "mgpu":
+      dh = layers._geglu_bwd(res, jnp.dot(dz, w2.T))[0]
+    elif mode == "save":
       dh = pallas_geglu.backward(dz, w2, h=res, tiling=bwd_tiling, interpret=interpret)
     else:
       dh = pallas_geglu.backward(dz, w2, x=res, w=w, b=b, tiling=bwd_tiling, interpret=interpret)
@@ -74,7 +80,10 @@ def main(argv=None):
   p.add_argument("--tilings", type=tiling, nargs="*",
                  default=[(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 32, 4, 4),
                           (64, 64, 64, 4, 3), (128, 128, 32, 8, 3)],
-                 help="kernel tilings, each 'BM,BN,BK,WARPS,STAGES'")
+                 help="Triton kernel tilings, each 'BM,BN,BK,WARPS,STAGES'")
+  p.add_argument("--mgpu", type=tiling, nargs="*",
+                 default=[(128, 64, 64, 2), (64, 64, 64, 3), (64, 64, 64, 4), (128, 64, 32, 3)],
+                 help="Hopper (Mosaic GPU) forward tilings, each 'TILE_M,TILE_N,TILE_K,STAGES'")
   args = p.parse_args(argv)
   rng = np.random.default_rng(0)
   shapes = ((256, 128),) if args.small else SHAPES[:args.levels]
@@ -95,6 +104,16 @@ def main(argv=None):
         ("fwd", "xla", lambda xs: [layers.geglu(jnp.dot(x, w) + b) for x in xs], (xs,), gemm),
         ("bwd", "xla", lambda dzs, hs: [jax.vjp(layers.geglu, h)[1](jnp.dot(dz, w2.T))[0] for dz, h in zip(dzs, hs)],
          (dzs, hs), gemm // 2)]
+    for t in ([] if interpret else args.mgpu):
+      if not pallas_geglu.mgpu_supported(rows, c, inner, t):
+        continue
+      kw = dict(tiling=t)
+      name = ",".join(map(str, t))
+      variants += [
+          ("fwd", f"mgpu save {name}",
+           lambda xs, kw=kw: [pallas_geglu.forward_mgpu(x, w, b, save=True, **kw) for x in xs], (xs,), gemm),
+          ("fwd", f"mgpu nosave {name}",
+           lambda xs, kw=kw: [pallas_geglu.forward_mgpu(x, w, b, **kw) for x in xs], (xs,), gemm)]
     for t in tilings:
       if not pallas_geglu.supported(rows, c, inner, t):
         continue
@@ -118,15 +137,23 @@ def main(argv=None):
         if p_ == pass_:
           us = statistics.median(ts)
           print(f"{rows:>7d} x {c:<5d} {p_:5s} {impl:34s} {us:9.1f} {flops[(p_, impl)] / (us * 1e6):8.0f}", flush=True)
-          kind = impl.split()[0]
-          if kind != "xla" and us < best.get(kind, (None, float("inf")))[1]:
-            best[kind] = (tiling(impl.split()[1]), us)
+          kind = " ".join(impl.split()[:-1])
+          if impl != "xla" and us < best.get(kind, (None, float("inf")))[1]:
+            best[kind] = (tiling(impl.split()[-1]), us)
     # The whole feed-forward, forward + backward to dx, with the best tilings.
     ff_variants = []
-    for mode, fkind, bkind in (("xla", None, None), ("save", "save", "saved"), ("recompute", "nosave", "recompute")):
-      if mode != "xla" and (fkind not in best or bkind not in best):
+    for mode, fkind, bkind in (("xla", None, None), ("save", "save", "saved"), ("recompute", "nosave", "recompute"),
+                               ("mgpu", "mgpu save", None)):
+      if mode != "xla" and (fkind not in best or (bkind and bkind not in best)):
         continue
-      ft, bt = (best[fkind][0], best[bkind][0]) if mode != "xla" else (None, None)
+      ft, bt = (best[fkind][0], bkind and best[bkind][0]) if mode != "xla" else (None, None)
+      if mode == "mgpu":
+        # Check the Hopper kernel's y and h against XLA's before timing it.
+        y, h = pallas_geglu.forward_mgpu(xs[0], w, b, save=True, tiling=ft)
+        want_h = jnp.dot(xs[0], w) + b
+        for what, got, want in (("h", h, want_h), ("y", y, layers.geglu(want_h))):
+          got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+          print(f"{rows:>7d} x {c:<5d} fwd   mgpu {what} max rel err {np.abs(got - want).max() / np.abs(want).max():.2e}")
       fn = feed_forward(mode, w, b, w2, b2, ft, bt, interpret)
       step = lambda xs, dzs, fn=fn: [jax.vjp(fn, x)[1](dz)[0] for x, dz in zip(xs, dzs)]
       ff_variants.append(("ff", mode if mode == "xla" else f"{mode} {ft} / {bt}", jax.jit(step), (xs, dzs)))

@@ -274,6 +274,95 @@ def _geglu_bwd(h, g):
 geglu.defvjp(_geglu_fwd, _geglu_bwd)
 
 
+# Where `geglu_feed_forward` runs: "auto" = `pallas_geglu`'s kernels on a Triton GPU for the shapes they take, XLA
+# elsewhere; "xla" = always XLA; "interpret" = the kernels interpreted (the tests, on the CPU). Read when traced.
+GEGLU_KERNELS = "auto"
+# What the kernels' forward keeps for the backward: "h" = [value | gate] (rows x 2I, written by the forward's
+# epilogue), "x" = the input only (rows x C; the backward recomputes value and gate with two more GEMMs).
+GEGLU_RESIDUAL = "h"
+
+
+def _hopper() -> bool:
+  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+
+
+def _geglu_kernels(rows: int, c: int, inner: int, c_out: int, dtype) -> str | None:
+  """Which kernels `geglu_feed_forward` takes: "mgpu" (the Hopper forward, XLA's backward), "triton" (both
+  directions as Triton kernels; interpreted for the tests) or None (XLA)."""
+  if GEGLU_KERNELS == "xla":
+    return None
+  if GEGLU_KERNELS not in ("auto", "interpret"):
+    raise ValueError(f"layers.GEGLU_KERNELS = {GEGLU_KERNELS!r}: expected 'auto', 'xla' or 'interpret'")
+  if GEGLU_RESIDUAL not in ("h", "x"):
+    raise ValueError(f"layers.GEGLU_RESIDUAL = {GEGLU_RESIDUAL!r}: expected 'h' or 'x'")
+  from idmp_jax.models import attention, pallas_geglu  # Local: Pallas only where it is used.
+  if GEGLU_KERNELS == "interpret":
+    return "triton" if pallas_geglu.use(rows, c, inner, c_out, recompute=GEGLU_RESIDUAL == "x") else None
+  if (attention.pallas_by_default() and _hopper() and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+      and rows >= pallas_geglu.MIN_ROWS and pallas_geglu.mgpu_supported(rows, c, inner)):
+    return "mgpu"
+  return None
+
+
+def geglu_feed_forward(x, w1, b1, w2, b2, dtype):
+  """diffusers' FeedForward with GEGLU, z = (value * gelu(gate)) w2 + b2 for [value | gate] = x w1 + b1, in
+  `dtype` (w1 (C, 2I), w2 (I, C)): `geglu` between two projections.
+
+  On a Hopper GPU (`GEGLU_KERNELS`) the first projection and GEGLU are one kernel (`pallas_geglu.forward_mgpu`):
+  [value | gate] is written for the backward but never read back by a separate GEGLU pass. Elsewhere the GEMMs and
+  `geglu` as separate ops."""
+  x, w1, b1, w2, b2 = (a.astype(dtype) for a in (x, w1, b1, w2, b2))
+  shape, c, inner = x.shape, x.shape[-1], w2.shape[0]
+  if w1.shape != (c, 2 * inner) or b1.shape != (2 * inner,) or w2.shape[1:] != b2.shape:
+    raise ValueError(f"geglu_feed_forward: x {shape}, w1 {w1.shape}, b1 {b1.shape}, w2 {w2.shape}, b2 {b2.shape} "
+                     "do not fit (C, 2I), (2I,), (I, C'), (C',)")
+  kernels = _geglu_kernels(math.prod(shape[:-1]), c, inner, w2.shape[1], dtype)
+  if kernels:
+    return _geglu_feed_forward_kernels(x, w1, b1, w2, b2, kernels, GEGLU_RESIDUAL if kernels == "triton" else "h")
+  return jnp.dot(geglu(jnp.dot(x, w1) + b1), w2) + b2
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _geglu_feed_forward_kernels(x, w1, b1, w2, b2, kernels: str, residual: str):
+  return _geglu_feed_forward_fwd(x, w1, b1, w2, b2, kernels, residual)[0]
+
+
+def _geglu_feed_forward_fwd(x, w1, b1, w2, b2, kernels, residual):
+  from idmp_jax.models import pallas_geglu
+  shape = x.shape
+  x2 = x.reshape(-1, shape[-1])
+  if kernels == "mgpu":
+    y, h = pallas_geglu.forward_mgpu(x2, w1, b1, save=True)
+  else:
+    kw = dict(tiling=pallas_geglu.model_tiling("forward", *x2.shape), interpret=GEGLU_KERNELS == "interpret")
+    y, h = (pallas_geglu.forward(x2, w1, b1, save=True, **kw) if residual == "h"
+            else (pallas_geglu.forward(x2, w1, b1, **kw), None))
+  z = jnp.dot(y, w2) + b2
+  return z.reshape(*shape[:-1], z.shape[-1]), (x2, w1, b1, w2, y, h)
+
+
+def _geglu_feed_forward_bwd(kernels, residual, res, dz):
+  from idmp_jax.models import pallas_geglu
+  x2, w1, b1, w2, y, h = res
+  dz2 = dz.reshape(x2.shape[0], -1)
+  if kernels == "mgpu":  # XLA's backward: dy = dz w2^T, then `geglu`'s one-pass backward.
+    dh = _geglu_bwd(h, jnp.dot(dz2, w2.T))[0]
+  else:
+    kw = dict(tiling=pallas_geglu.model_tiling("backward", *x2.shape), interpret=GEGLU_KERNELS == "interpret")
+    dh = (pallas_geglu.backward(dz2, w2, h=h, **kw) if h is not None
+          else pallas_geglu.backward(dz2, w2, x=x2, w=w1, b=b1, **kw))
+  dx = jnp.dot(dh, w1.T).reshape(*dz.shape[:-1], x2.shape[1])
+  # The weights' gradients as XLA expressions: dead (and dropped, with what only they read) when they are frozen.
+  grad = lambda a, b: jnp.dot(a.T, b, preferred_element_type=jnp.float32)
+  dw1, dw2 = grad(x2, dh).astype(w1.dtype), grad(y, dz2).astype(w2.dtype)
+  db1 = jnp.sum(dh, axis=0, dtype=jnp.float32).astype(b1.dtype)
+  db2 = jnp.sum(dz2, axis=0, dtype=jnp.float32).astype(dz.dtype)
+  return dx, dw1, db1, dw2, db2
+
+
+_geglu_feed_forward_kernels.defvjp(_geglu_feed_forward_fwd, _geglu_feed_forward_bwd)
+
+
 class GroupNorm(nn.Module):
   """torch.nn.GroupNorm on channels-last inputs; statistics in fp32 whatever the compute dtype. `activation`
   "silu" applies SiLU after it inside the same op (the resnet pattern), so the backward is one fused op too."""

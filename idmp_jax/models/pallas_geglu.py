@@ -24,8 +24,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# (block_m, block_n, block_k, num_warps, num_stages) unless given.
+# (block_m, block_n, block_k, num_warps, num_stages) unless given, and per pass for the model (`model_tiling`).
 TILING = (128, 64, 64, 4, 3)
+TILINGS = {"forward": TILING, "backward": TILING}
+# `layers.geglu_feed_forward` takes the kernels from this many rows (b32's 16x16 level has 8192).
+MIN_ROWS = 8192
 
 # erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (clamped outside, where erf is +-1 in fp32): Eigen's float erf, which XLA's
 # CPU and GPU backends also evaluate for fp32. Triton's Pallas lowering has no erf.
@@ -110,6 +113,19 @@ def supported(rows: int, k: int, inner: int, tiling=TILING) -> bool:
   return rows % bm == 0 and inner % bn == 0 and k % bk == 0 and rows > 0
 
 
+def model_tiling(pass_: str, rows: int, k: int) -> tuple[int, ...]:
+  """The tiling the model's calls use for `pass_` ("forward" or "backward") at (rows, K)."""
+  del rows, k  # One tiling for every level until a probe says otherwise.
+  return TILINGS[pass_]
+
+
+def use(rows: int, k: int, inner: int, k_out: int, recompute: bool) -> bool:
+  """Whether `layers.geglu_feed_forward` takes the kernels for x (rows, K), inner width I and output width K_out
+  (the backward's loop runs over K_out, and over K too when it recomputes, in the same loop: K_out = K)."""
+  return (rows >= MIN_ROWS and supported(rows, k, inner, model_tiling("forward", rows, k))
+          and supported(rows, k_out, inner, model_tiling("backward", rows, k)) and (k_out == k or not recompute))
+
+
 def _check(rows, k, inner, tiling, what):
   if not supported(rows, k, inner, tiling):
     raise ValueError(f"GEGLU {what} kernel: {rows} rows, K {k}, inner {inner} do not divide into the tiling "
@@ -172,3 +188,119 @@ def backward(dz, w2, h=None, x=None, w=None, b=None, *, tiling=TILING, interpret
       interpret=interpret, name="geglu_backward",
   )(dz, w2.astype(dz.dtype), *operands)
   return dh.reshape(rows, 2 * inner)
+
+
+# ---- Hopper (Mosaic GPU): warp-specialised, persistent, TMA + wgmma -------------------------------------------------
+# (tile_m, tile_n, tile_k, stages): each of the two compute warpgroups holds a (tile_m, tile_n) value and gate
+# accumulator; a CTA covers 2 * tile_n columns of y.
+MGPU_TILING = (128, 64, 64, 2)
+
+
+def _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h_gmem, *, tiling, num_sms: int):
+  from jax.experimental.pallas import mosaic_gpu as plgpu_m
+  tile_m, tile_n, tile_k, stages = tiling
+  (m, k), inner = x_gmem.shape, y_gmem.shape[1]
+  dtype = x_gmem.dtype
+  cta_n = 2 * tile_n
+  m_iters, n_iters, k_iters = m // tile_m, inner // cta_n, k // tile_k
+  swizzle = plgpu_m.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
+  transforms = (plgpu_m.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu_m.SwizzleTransform(swizzle))
+  out_swizzle = plgpu_m.find_swizzle(tile_n * jnp.dtype(dtype).itemsize * 8)
+  out_transforms = (plgpu_m.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)),
+                    plgpu_m.SwizzleTransform(out_swizzle))
+  save = h_gmem is not None
+
+  def pipeline(body, context):
+    spec = lambda shape, index: plgpu_m.BlockSpec(shape, index, transforms=transforms,
+                                                  memory_space=plgpu_m.SMEM)
+    return plgpu_m.emit_pipeline_warp_specialized(
+        body, grid=(k_iters,), memory_registers=40,
+        in_specs=[spec((tile_m, tile_k), lambda kk: (0, kk)), spec((tile_k, cta_n), lambda kk: (kk, 0)),
+                  spec((tile_k, cta_n), lambda kk: (kk, 0))],
+        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages, compute_context=context)
+
+  ignore = lambda *_, **__: None
+
+  @functools.partial(
+      pl.run_scoped,
+      allocs=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem, w_gmem),
+      out_smem=plgpu_m.SMEM((2, 3 if save else 1, tile_m, tile_n), dtype, transforms=out_transforms),
+      collective_axes="wg")
+  def _scope(allocs, out_smem):
+    wg = jax.lax.axis_index("wg")
+
+    @plgpu_m.nd_loop((m_iters * n_iters,), collective_axes="sm")
+    def _tiles(info):
+      (lin,) = info.index
+      mi, ni = plgpu_m.planar_snake(lin, (m_iters, n_iters), 1, 1)
+      rows = pl.ds(mi * tile_m, tile_m)
+      cta_cols = pl.ds(ni * cta_n, cta_n)
+      wg_cols = pl.ds(wg * tile_n, tile_n)
+      cols = pl.ds(ni * cta_n + wg * tile_n, tile_n)  # This warpgroup's columns of value, of gate and of y.
+
+      def context(run):
+        @functools.partial(pl.run_scoped, acc_v=plgpu_m.ACC((tile_m, tile_n), jnp.float32),
+                           acc_g=plgpu_m.ACC((tile_m, tile_n), jnp.float32))
+        def _accs(acc_v, acc_g):
+          run((acc_v, acc_g))
+          col = plgpu_m.Layout.WGMMA.reduce(0)
+          bv = plgpu_m.load(b_gmem.at[0, cols], (), layout=col, optimized=False).astype(jnp.float32)
+          bg = plgpu_m.load(b_gmem.at[1, cols], (), layout=col, optimized=False).astype(jnp.float32)
+          shape = (tile_m, tile_n)
+          value = (acc_v[...] + jax.lax.broadcast_in_dim(bv, shape, [1])).astype(dtype)
+          gate = (acc_g[...] + jax.lax.broadcast_in_dim(bg, shape, [1])).astype(dtype)
+          v, g = value.astype(jnp.float32), gate.astype(jnp.float32)
+          y = (v * g * _cdf(g)).astype(dtype)  # No erf layout rule in Mosaic GPU: the polynomial.
+          plgpu_m.wait_smem_to_gmem(0, wait_read_only=True)  # The previous tile's stores have read out_smem.
+          out_smem[wg, 0] = y
+          if save:
+            out_smem[wg, 1] = value
+            out_smem[wg, 2] = gate
+          plgpu_m.commit_smem()
+          plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 0], y_gmem.at[rows, cols])
+          if save:
+            plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 1], h_gmem.at[rows, cols])
+            plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 2], h_gmem.at[rows, pl.ds(inner + ni * cta_n + wg * tile_n,
+                                                                                  tile_n)])
+
+      def mma(idxs, x_smem, wv_smem, wg_smem, accs):
+        acc_v, acc_g = accs
+        plgpu_m.wgmma(acc_v, x_smem, wv_smem.at[:, wg_cols])
+        plgpu_m.wgmma(acc_g, x_smem, wg_smem.at[:, wg_cols])
+        plgpu_m.wgmma_wait(0)
+        return accs
+
+      pipeline(mma, context)(x_gmem.at[rows, :], w_gmem.at[:, cta_cols],
+                             w_gmem.at[:, pl.ds(inner + ni * cta_n, cta_n)], allocations=allocs)
+
+  plgpu_m.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def mgpu_supported(rows: int, k: int, inner: int, tiling=MGPU_TILING) -> bool:
+  tile_m, tile_n, tile_k, _ = tiling
+  return rows % tile_m == 0 and inner % (2 * tile_n) == 0 and k % tile_k == 0
+
+
+@functools.partial(jax.jit, static_argnames=("save", "tiling", "num_sms"))
+def forward_mgpu(x, w, b, *, save: bool = False, tiling=MGPU_TILING, num_sms: int | None = None):
+  """`forward` as a Hopper kernel (Mosaic GPU: TMA loads by a producer warpgroup, wgmma by two consumers, the
+  GEGLU epilogue stored by TMA while the next tile's loads run). bf16/fp16 only; H100/H200."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu_m
+  (rows, k), inner = x.shape, w.shape[1] // 2
+  if w.shape != (k, 2 * inner) or b.shape != (2 * inner,):
+    raise ValueError(f"GEGLU forward kernel: x {x.shape}, w {w.shape}, b {b.shape} do not fit (K, 2I) and (2I,)")
+  if not mgpu_supported(rows, k, inner, tiling):
+    raise ValueError(f"GEGLU Hopper kernel: {rows} rows, K {k}, inner {inner} do not divide into {tiling}")
+  num_sms = num_sms or jax.devices()[0].core_count
+  out_type = [jax.ShapeDtypeStruct((rows, inner), x.dtype)]
+  if save:
+    out_type.append(jax.ShapeDtypeStruct((rows, 2 * inner), x.dtype))
+
+  def body(x_gmem, w_gmem, b_gmem, y_gmem, *h):
+    _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h[0] if h else None, tiling=tiling, num_sms=num_sms)
+
+  out = plgpu_m.kernel(
+      body, out_type=out_type, grid=(num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
+      compiler_params=plgpu_m.CompilerParams(lowering_semantics=plgpu_m.LoweringSemantics.Warpgroup),
+  )(x, w.astype(x.dtype), b.astype(x.dtype).reshape(2, inner))
+  return (out[0], out[1]) if save else out[0]
