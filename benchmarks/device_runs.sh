@@ -33,8 +33,8 @@
 #       alone against XLA (norm_kernels_probe.py), then train_step.py --ab AB (default norm)
 #   bash benchmarks/device_runs.sh pairs NAME...  # on the GPU machine (carry .whl): train_step.py --ab NAME for each
 #       NAME, ~3 min each
-#   bash benchmarks/device_runs.sh geglu [ab]  # on the GPU machine (carry .whl): the feed-forward's GEGLU kernels alone
-#       against XLA (geglu_probe.py); ab: then the b32 step's paired A/B with and without them
+#   bash benchmarks/device_runs.sh geglu       # on the GPU machine (carry .whl): the feed-forward's GEGLU kernels alone
+#       against XLA (geglu_probe.py)
 #   bash benchmarks/device_runs.sh long        # on the GPU machine (carry .whl): the b16 and b32 step, 30-step chains
 #       (BATCHES="32": b32 only)
 #   bash benchmarks/device_runs.sh rates       # on the GPU machine (carry .whl): the b32 step's profile without CUDA
@@ -197,12 +197,9 @@ case "$step" in
     boxed 230 norm_kernels python3 -X faulthandler benchmarks/norm_kernels_probe.py --levels 3
     boxed 330 "train_step_ab_${2:-norm}" python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
       --ab "${2:-norm}" --rounds 8 ;;
-  geglu)  # ~4 min: the feed-forward's GEGLU kernels alone against XLA (tilings, 3 levels, interleaved rounds);
-    # with "ab", then the b32 step's paired A/B (train_step.py --ab geglu), ~5 min more
+  geglu)  # ~4 min: the feed-forward's GEGLU kernels (benchmarks/geglu_kernels.py) against XLA (tilings, 3 levels)
     wheels || exit 1
-    boxed 300 geglu_kernels python3 -X faulthandler benchmarks/geglu_probe.py --tilings 128,64,32,4,4 64,64,64,4,3
-    [ "${2:-}" = ab ] && XLA_FLAGS=--xla_gpu_autotune_level=2 boxed 330 train_step_ab_geglu python3 -X faulthandler \
-      benchmarks/train_step.py --kind unet --batch 32 --ab geglu --rounds 8 ;;
+    boxed 300 geglu_kernels python3 -X faulthandler benchmarks/geglu_probe.py --tilings 128,64,32,4,4 64,64,64,4,3 ;;
   long)  # ~5 min: the b16 and b32 step, 30-step pipelined chains (the training loop's steady state: a 10-step
     # chain carries ~0.5 ms a step of its first dispatch)
     wheels || exit 1

@@ -1,5 +1,5 @@
 """The transformer blocks' GEGLU feed-forward on the SD-2 UNet's shapes at b32, 512 px: XLA's path (cuBLAS GEMMs and
-`layers.geglu`'s fused passes) against `pallas_geglu`'s kernels (issue 5). Per shape (rows, C), inner I = 4C:
+`layers.geglu`'s fused passes) against the kernels of `geglu_kernels.py` (issue 5; not in the model: they lost). Per shape (rows, C), inner I = 4C:
 
   fwd    x -> y = GEGLU(x W + b): XLA's GEMM + GEGLU pass; the Triton kernel with h saved ("save") or not
          ("nosave"); the Hopper (Mosaic GPU) kernel likewise ("mgpu save", "mgpu nosave")
@@ -29,7 +29,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks.decode_attention_sweep import timed  # noqa: E402
 from benchmarks.lora_kernels_probe import SHAPES  # noqa: E402
-from idmp_jax.models import layers, pallas_geglu  # noqa: E402
+from benchmarks import geglu_kernels as pallas_geglu  # noqa: E402
+from idmp_jax.models import layers  # noqa: E402
 
 
 def tiling(text: str) -> tuple[int, ...]:

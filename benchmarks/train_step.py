@@ -231,8 +231,7 @@ def main():
                   "process, their pipelined chains interleaved (--rounds); flatten: the optimizer flattened or per "
                   "leaf; dx: the adapters' dx kernel (pallas_lora.up_grad) on or off; norm: the residual "
                   "LayerNorm's kernels (pallas_norm) or XLA; layout: the frozen weights in XLA's chosen layouts or "
-                  "row-major; tile: the LayerNorm kernels with 1024-element tiles and 1 warp or 4096 and 4; geglu: the "
-                  "feed-forward's GEGLU projection kernel (pallas_geglu) or XLA")
+                  "row-major; tile: the LayerNorm kernels with 1024-element tiles and 1 warp or 4096 and 4")
   ap.add_argument("--rounds", type=int, default=6, help="--ab: chains per variant, alternating")
   ap.add_argument("--profile", default="", help="after timing, profile 3 steps into this folder and sum the "
                   "device kernels by kind (benchmarks/profile_summary.py)")
@@ -295,11 +294,6 @@ def _norm_kernels(mode):
   layers.NORM_KERNELS = mode
 
 
-def _geglu_kernels(mode):
-  from idmp_jax.models import layers
-  layers.GEGLU_KERNELS = mode
-
-
 def _norm_tiling(tile, warps):
   from idmp_jax.models import pallas_norm
   pallas_norm.TILE, pallas_norm.WARPS = tile, warps
@@ -320,8 +314,6 @@ AB_VARIANTS = {
     "layout": {"layout_auto": (None, _none, "auto"), "layout_default": (None, _none, "default")},
     "tile": {"norm_1024_1": (None, lambda: _norm_tiling(1024, 1), None),
              "norm_4096_4": (None, lambda: _norm_tiling(4096, 4), None)},
-    "geglu": {"geglu_kernels": (None, lambda: _geglu_kernels("auto"), None),
-              "geglu_xla": (None, lambda: _geglu_kernels("xla"), None)},
 }
 
 

@@ -23,8 +23,8 @@ import numpy as np
 
 from idmp_jax.convert import torch_format
 from idmp_jax.models.attention import Attention, rca_mask
-from idmp_jax.models.layers import (Conv2d, GroupNorm, LayerNorm, Linear, geglu, geglu_feed_forward,
-                                   resize_nearest_torch, upsample_nearest_2x)
+from idmp_jax.models.layers import (Conv2d, GroupNorm, LayerNorm, Linear, geglu, resize_nearest_torch,
+                                   upsample_nearest_2x)
 
 LIST_NAMES = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
               "upsamplers", "to_out", "net")
@@ -179,10 +179,6 @@ class FeedForward(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    params = {} if self.is_initializing() else self.variables.get("params", {})
-    proj, out = params.get("net_0", {}).get("proj", {}), params.get("net_2", {})
-    if set(proj) == set(out) == {"kernel", "bias"}:  # Neither projection adapted (LoRA) nor quantised.
-      return geglu_feed_forward(x, proj["kernel"], proj["bias"], out["kernel"], out["bias"], self.dtype)
     h = _GEGLU(4 * self.dim, dtype=self.dtype, name="net_0")(x)
     return Linear(self.dim, dtype=self.dtype, name="net_2")(h)
 

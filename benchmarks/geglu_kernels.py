@@ -1,18 +1,16 @@
-"""The feed-forward's GEGLU projection, y = value * gelu(gate) for [value | gate] = x W + b, with the GELU in the
-GEMM's epilogue, and its backward with the second projection's data gradient in the prologue, as Pallas (Triton)
-kernels: the GPU implementation of `layers.geglu_feed_forward`.
+"""The feed-forward's GEGLU projection, y = value * gelu(gate) for [value | gate] = x W + b, with GEGLU in the
+GEMM's epilogue, and its backward with dy = dz W2^T in the prologue: kernels measured by `geglu_probe.py` against
+XLA's path (cuBLAS GEMMs and `layers.geglu`'s fused passes) and not kept in the model, because they lost
+(BENCHMARKS.md, issue 5, 2026-12-03):
 
-Why: in the SD-2 UNet at b32 each 64x64-level feed-forward writes [value | gate] (671 MB), reads it back for GEGLU
-and writes y; its backward writes dy = dz W2^T (335 MB) and reads it back with [value | gate] (H200 profile,
-BENCHMARKS.md). Here:
+  `forward`        Triton (Pallas): (x, W, b) -> y [, h = [value | gate] when the backward is to read it].
+  `backward`       Triton: (dz, W2, h) or (dz, W2, x, W, b) -> dh: dy = dz W2^T tile by tile in registers, value
+                   and gate read from h or recomputed from x.
+  `forward_mgpu`   Hopper (Mosaic GPU): `forward` with TMA loads by a producer warpgroup, wgmma by two consumer
+                   warpgroups, the GEGLU epilogue stored by TMA; persistent over the SMs.
 
-  `forward`   (x, W, b) -> y [, h = [value | gate]]: the GEMM's tiles feed the GELU in registers; h is written only
-              when the backward is to read it (`save`).
-  `backward`  (dz, W2, h) or (dz, W2, x, W, b) -> dh = d[value | gate]: dy = dz W2^T tile by tile in registers,
-              value and gate read from h or recomputed from x (two more GEMMs, no 671 MB residual).
-
-Operands are viewed so that one program's (value, gate) column tiles are one block: W (K, 2I) as (K, 2, I), h and dh
-(rows, 2I) as (rows, 2, I), b as (2, I) (free reshapes).
+The Triton kernels view W (K, 2I) as (K, 2, I) and h, dh (rows, 2I) as (rows, 2, I), so that one program's
+(value, gate) column tiles are one block (free reshapes).
 """
 from __future__ import annotations
 
@@ -24,11 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# (block_m, block_n, block_k, num_warps, num_stages) unless given, and per pass for the model (`model_tiling`).
+# (block_m, block_n, block_k, num_warps, num_stages) unless given.
 TILING = (128, 64, 64, 4, 3)
-TILINGS = {"forward": TILING, "backward": TILING}
-# `layers.geglu_feed_forward` takes the kernels from this many rows (b32's 16x16 level has 8192).
-MIN_ROWS = 8192
 
 # erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (clamped outside, where erf is +-1 in fp32): Eigen's float erf, which XLA's
 # CPU and GPU backends also evaluate for fp32. Triton's Pallas lowering has no erf.
@@ -111,19 +106,6 @@ def _backward_kernel(*refs, c: int, bk: int, bm: int, bn: int, recompute: bool):
 def supported(rows: int, k: int, inner: int, tiling=TILING) -> bool:
   bm, bn, bk = tiling[:3]
   return rows % bm == 0 and inner % bn == 0 and k % bk == 0 and rows > 0
-
-
-def model_tiling(pass_: str, rows: int, k: int) -> tuple[int, ...]:
-  """The tiling the model's calls use for `pass_` ("forward" or "backward") at (rows, K)."""
-  del rows, k  # One tiling for every level until a probe says otherwise.
-  return TILINGS[pass_]
-
-
-def use(rows: int, k: int, inner: int, k_out: int, recompute: bool) -> bool:
-  """Whether `layers.geglu_feed_forward` takes the kernels for x (rows, K), inner width I and output width K_out
-  (the backward's loop runs over K_out, and over K too when it recomputes, in the same loop: K_out = K)."""
-  return (rows >= MIN_ROWS and supported(rows, k, inner, model_tiling("forward", rows, k))
-          and supported(rows, k_out, inner, model_tiling("backward", rows, k)) and (k_out == k or not recompute))
 
 
 def _check(rows, k, inner, tiling, what):
