@@ -88,7 +88,7 @@ def build(small: bool, dtype, attention: str, remat: bool):
   return models, trainable, frozen, ucfg
 
 
-def unet_only_step(models: diffusion.Models, tx, schedule, flat: bool):
+def unet_only_step(models: diffusion.Models, tx, schedule):
   """The UNet part of diffusion.loss_fn (same draws and ops) from given latents and text context, in the job's own
   optimizer step (`train.state.make_train_step`: gradient norm, update, NaN guard)."""
 
@@ -104,7 +104,7 @@ def unet_only_step(models: diffusion.Models, tx, schedule, flat: bool):
                              rngs={lora.DROPOUT_RNG: k_drop})
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise)), {}
 
-  return train_state.make_train_step(loss, tx, schedule, flat=flat)
+  return train_state.make_train_step(loss, tx, schedule)
 
 
 def regions(rng, b, res):
@@ -224,12 +224,13 @@ def main():
                   "weights put in them once (no per-step transposes of conv kernels to cuDNN's layout); default: "
                   "row-major; config: as configs/rca.py sets it (frozen_layouts)")
   ap.add_argument("--flatten", choices=["config", "on", "off"], default="config",
-                  help="the optimizer on the LoRA leaves concatenated (optax.flatten) or per leaf; config: as "
-                  "configs/rca.py sets it")
+                  help="the optimizer on the LoRA leaves concatenated (optax.flatten; the leaves kept as one "
+                  "vector, as the job keeps them) or per leaf; config: as configs/rca.py sets it")
   ap.add_argument("--ab", choices=sorted(AB_VARIANTS), default="",
                   help="a paired A/B of the unet step at the largest --batch: both variants compiled in this "
                   "process, their pipelined chains interleaved (--rounds); flatten: the optimizer flattened or per "
-                  "leaf; dx: the adapters' dx kernel (pallas_lora.up_grad) on or off; norm: the residual "
+                  "leaf; state: the LoRA leaves kept as one vector or as a tree (optimizer flattened); dx: the "
+                  "adapters' dx kernel (pallas_lora.up_grad) on or off; norm: the residual "
                   "LayerNorm's kernels (pallas_norm) or XLA; layout: the frozen weights in XLA's chosen layouts or "
                   "row-major; tile: the LayerNorm kernels with 1024-element tiles and 1 warp or 4096 and 4")
   ap.add_argument("--rounds", type=int, default=6, help="--ab: chains per variant, alternating")
@@ -253,13 +254,13 @@ def main():
     opt_config.flatten = args.flatten == "on"
   flat = optim.flattened(opt_config)
   tx, schedule = optim.make_optimizer(opt_config, 2884)
-  steps = {"unet": unet_only_step(models, tx, schedule, flat),
-           "full": diffusion.make_train_step(models, tx, schedule, flat=flat)}
+  steps = {"unet": unet_only_step(models, tx, schedule),
+           "full": diffusion.make_train_step(models, tx, schedule)}
   rng = np.random.default_rng(0)
   rows = []
   for kind in kinds:
     for b in sorted(batches):
-      state = diffusion.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(0))
+      state = diffusion.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(0), flat=flat)
       batch = jax.device_put(batch_for(kind, b, res, ucfg, dtype, rng))
       try:
         row, state = measure(steps[kind], state, frozen, batch, args.steps, b,
@@ -303,10 +304,12 @@ def _none():
   pass
 
 
-# --ab NAME: {variant name: (optimizer flatten, setup run before tracing that variant's step, frozen layout)}; None:
-# as configs/rca.py sets it.
+# --ab NAME: {variant name: (optimizer form, setup run before tracing that variant's step, frozen layout)}; None:
+# as configs/rca.py sets it. Optimizer forms: "flat" (flattened, the LoRA leaves kept as one vector: the job's),
+# "flat_tree" (flattened, the leaves kept as a tree), "tree" (per leaf).
 AB_VARIANTS = {
-    "flatten": {"flat": (True, _none, None), "tree": (False, _none, None)},
+    "flatten": {"flat": ("flat", _none, None), "tree": ("tree", _none, None)},
+    "state": {"state_flat": ("flat", _none, None), "state_tree": ("flat_tree", _none, None)},
     "dx": {"dx_kernel": (None, lambda: _up_grad_min(2), None),
            "dx_xla": (None, lambda: _up_grad_min(99), None)},
     "norm": {"norm_kernels": (None, lambda: _norm_kernels("auto"), None),
@@ -325,16 +328,17 @@ def paired_ab(args, models, trainable, frozen, ucfg, dtype, res, batches):
   b = max(batches)
   batch = jax.device_put(batch_for("unet", b, res, ucfg, dtype, np.random.default_rng(0)))
   variants = {}
-  for name, (flat, setup, frozen_layout) in AB_VARIANTS[args.ab].items():
+  for name, (form, setup, frozen_layout) in AB_VARIANTS[args.ab].items():
     setup()  # Module switches are read when the step is traced, i.e. by lower() below.
     opt_config = rca.get_config().optimizer
-    if flat is not None:
-      opt_config.flatten = flat
+    if form is not None:
+      opt_config.flatten = form != "tree"
     flat = optim.flattened(opt_config)
     tx, schedule = optim.make_optimizer(opt_config, 2884)
-    state = diffusion.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(0))
+    state = diffusion.init_state(jax.tree.map(jnp.copy, trainable), tx, jax.random.key(0),
+                                 flat=flat and form != "flat_tree")
     t0 = time.perf_counter()
-    step, its_frozen = compile_with_layouts(unet_only_step(models, tx, schedule, flat), state, frozen, batch,
+    step, its_frozen = compile_with_layouts(unet_only_step(models, tx, schedule), state, frozen, batch,
                                             frozen_layout or rca.get_config().frozen_layouts)
     print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
     for _ in range(3):

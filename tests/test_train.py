@@ -117,6 +117,44 @@ def test_optimizer_matches_torch(flatten):
       np.testing.assert_allclose(np.asarray(params[k]), p.detach().numpy(), rtol=2e-5, atol=1e-7)
 
 
+def test_flat_state_steps_as_the_tree():
+  """The train state with its LoRA leaves as one vector (configs/rca.py) takes the steps the tree form takes:
+  same losses, gradient norms, parameters and optimizer state, the NaN guard included; a tree that does not fit
+  the layout is refused."""
+  import jax.numpy as jnp
+  from idmp_jax.train import state as train_state
+  tx, schedule = optim.make_optimizer(load_config().optimizer, 4)
+  assert optim.flattened(load_config().optimizer)
+  rng = np.random.default_rng(0)
+  params = {"b": {"lora_a": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)},
+            "a": {"lora_b": jnp.asarray(rng.standard_normal((5,)), jnp.float32)}}
+
+  def loss_fn(trainable, frozen, batch, key):
+    h = trainable["b"]["lora_a"] @ frozen + jnp.sum(trainable["a"]["lora_b"]) * batch
+    noise = jax.random.normal(key, h.shape)
+    return jnp.mean(jnp.square(h - noise)), {"examples": jnp.float32(2)}
+
+  step = jax.jit(train_state.make_train_step(loss_fn, tx, schedule))
+  frozen = jnp.asarray(rng.standard_normal((4, 2)), jnp.float32)
+  states = {flat: train_state.init_state(params, tx, jax.random.key(1), flat=flat) for flat in (False, True)}
+  assert states[True].params.shape == (17,) and states[True].layout is not None
+  for i in range(6):
+    batch = jnp.full((3, 2), jnp.nan if i == 3 else float(i), jnp.float32)  # Step 3: a NaN loss, no update.
+    metrics = {}
+    for flat in (False, True):
+      states[flat], metrics[flat] = step(states[flat], frozen, batch)
+    for k in ("loss", "grad_norm", "lr"):
+      np.testing.assert_allclose(metrics[True][k], metrics[False][k], rtol=1e-6, equal_nan=True)
+    for got, want in zip(jax.tree.leaves((states[True].trainable(), states[True].opt_state)),
+                         jax.tree.leaves((states[False].params, states[False].opt_state))):
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  assert int(states[True].step) == 6 and bool(jnp.isnan(metrics[True]["loss"])) is False
+  with pytest.raises(ValueError, match="FlatLayout.ravel"):
+    states[True].layout.ravel({"b": {"lora_a": jnp.zeros((3, 4))}})
+  with pytest.raises(ValueError, match="several dtypes"):
+    train_state.FlatLayout({"a": jnp.zeros(2, jnp.float32), "b": jnp.zeros(2, jnp.bfloat16)})
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The job end to end.
 

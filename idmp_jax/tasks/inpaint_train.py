@@ -130,7 +130,8 @@ def run(config, workdir: str, mesh):
   replicated = parallel.replicated(mesh)
   frozen = parallel.FrozenWeights(jax.device_put(frozen, frozen_shardings(frozen, mesh, config)), frozen_layouts)
   # Step k's randomness: fold_in(fold_in(root, 1), k); validation batch i's: fold_in(fold_in(root, 2), i).
-  init_state = lambda p: diffusion.init_state(p, tx, jax.random.fold_in(root_key, 1))
+  init_state = lambda p: diffusion.init_state(p, tx, jax.random.fold_in(root_key, 1),
+                                              flat=optim.flattened(config.optimizer))
   # The LoRA weights and the optimizer state follow the same rules. The "fsdp" preset leaves them replicated:
   # lora_a/lora_b are not kernels, and at rank 16 they are ~3M weights (~10M with both AdamW moments) beside
   # the UNet's 865M, not worth a gather per use.
@@ -142,9 +143,9 @@ def run(config, workdir: str, mesh):
   parallel.log_param_shardings(frozen.tree, "frozen weights")
   parallel.log_param_shardings(state, "LoRA weights and optimizer state")
   # Both steps take the frozen weights in the layouts XLA chose for the train step (parallel.FrozenWeights).
-  train_step = frozen.jit(diffusion.make_train_step(models, tx, schedule, flat=optim.flattened(config.optimizer)),
-                          donate_argnums=(0,), out_shardings=(state_sharding, replicated))
-  eval_step = frozen.jit(diffusion.make_eval_step(models), out_shardings=replicated)
+  train_step = frozen.jit(diffusion.make_train_step(models, tx, schedule), donate_argnums=(0,),
+                          out_shardings=(state_sharding, replicated))
+  eval_step = frozen.jit(diffusion.make_eval_step(models, state.layout), out_shardings=replicated)
   val_key = jax.random.fold_in(root_key, 2)
   logging.info("inpaint_train: %s LoRA weights (rank %d) on %d attention projections; %d train / %d val examples; "
                "%d steps/epoch, %d steps; mesh %s", f"{lora.count(trainable):,}", config.lora.rank,
@@ -157,7 +158,7 @@ def run(config, workdir: str, mesh):
 
   def export_lora(folder):
     if is_main:
-      lora.save_diffusers_lora(folder, lora.merge(jax.device_get(run.state.params), adapter_scalars),
+      lora.save_diffusers_lora(folder, lora.merge(jax.device_get(run.state.trainable()), adapter_scalars),
                                unet.LIST_NAMES)
 
   def validate() -> float:
@@ -194,7 +195,7 @@ def run(config, workdir: str, mesh):
   export_lora(os.path.join(workdir, "export", "lora"))
   if is_main and config.export_merged_unet:
     _, base = unet.load_pretrained(os.path.join(model_dir, "unet"))  # fp32 base: merge without rounding to bf16
-    merged = lora.merge_lora(lora.merge(base, jax.device_get(state.params), adapter_scalars))
+    merged = lora.merge_lora(lora.merge(base, jax.device_get(state.trainable()), adapter_scalars))
     unet.save_pretrained(os.path.join(workdir, "export", "unet"), ucfg, merged)
   run.close()
   frozen_arrays, frozen_sharded = parallel.count_sharded(frozen.tree)

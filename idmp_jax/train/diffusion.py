@@ -106,24 +106,24 @@ def loss_fn(trainable, frozen, batch, key, models: Models, *, train: bool):
   return loss, per_example
 
 
-def make_train_step(models: Models, optimizer: optax.GradientTransformation, schedule: Callable, *,
-                    flat: bool = False):
-  """(state, frozen, batch) -> (state, metrics), the shared step of `idmp_jax.train.state` on this loss (`flat`:
-  the optimizer is flattened, `optimizer.make_optimizer`)."""
+def make_train_step(models: Models, optimizer: optax.GradientTransformation, schedule: Callable):
+  """(state, frozen, batch) -> (state, metrics), the shared step of `idmp_jax.train.state` on this loss."""
 
   def loss(trainable, frozen, batch, key):
     value, _ = loss_fn(trainable, frozen, batch, key, models, train=True)
     return value, {"examples": jnp.sum(batch["valid"].astype(jnp.float32))}
 
-  return train_state.make_train_step(loss, optimizer, schedule, flat=flat)
+  return train_state.make_train_step(loss, optimizer, schedule)
 
 
-def make_eval_step(models: Models):
-  """(params, frozen, batch, key) -> (sum of per-example losses over valid rows, number of valid rows). No
-  dropout; the caller fixes `key` per validation batch so every epoch sees the same noise and timesteps."""
+def make_eval_step(models: Models, layout: train_state.FlatLayout | None = None):
+  """(params, frozen, batch, key) -> (sum of per-example losses over valid rows, number of valid rows), params as
+  the train state keeps them (flat with its `layout`). No dropout; the caller fixes `key` per validation batch so
+  every epoch sees the same noise and timesteps."""
 
   def step(params, frozen, batch, key):
-    _, per_example = loss_fn(params, frozen, batch, key, models, train=False)
+    trainable = params if layout is None else layout.unravel(params)
+    _, per_example = loss_fn(trainable, frozen, batch, key, models, train=False)
     valid = batch["valid"].astype(jnp.float32)
     return jnp.sum(per_example * valid), jnp.sum(valid)
 

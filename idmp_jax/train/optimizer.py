@@ -70,7 +70,8 @@ def make_optimizer(config, steps_per_epoch: int, total_steps: int | None = None,
 
 
 def flattened(config) -> bool:
-  """Whether `make_optimizer(config, ...)` flattens: the step's `flat` (`state.make_train_step`) must agree."""
+  """Whether `make_optimizer(config, ...)` flattens; the UNet job then keeps its LoRA leaves as one vector too
+  (`state.init_state(flat=True)`), where the flattened optimizer's concatenation is a no-op."""
   return bool(config.get("flatten", False))
 
 
