@@ -173,14 +173,18 @@ def backward(dz, w2, h=None, x=None, w=None, b=None, *, tiling=TILING, interpret
 
 
 # ---- Hopper (Mosaic GPU): warp-specialised, persistent, TMA + wgmma -------------------------------------------------
-# (tile_m, tile_n, tile_k, stages): each of the two compute warpgroups holds a (tile_m, tile_n) value and gate
-# accumulator; a CTA covers 2 * tile_n columns of y.
+# (tile_m, tile_n, tile_k, stages[, steady]): each of the two compute warpgroups holds a (tile_m, tile_n) value and
+# gate accumulator; a CTA covers 2 * tile_n columns of y. steady = 1: the tiles' pipelines chained (Mosaic GPU's
+# pipeline of pipelines: the producer fetches the next tile's first K steps while the consumers run this tile's
+# epilogue; K / tile_k must be a multiple of stages). With K = 320 (5 steps of 64) a pipeline restarted per tile
+# idles the tensor cores at each start.
 MGPU_TILING = (128, 64, 64, 2)
 
 
 def _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h_gmem, *, tiling, num_sms: int):
   from jax.experimental.pallas import mosaic_gpu as plgpu_m
-  tile_m, tile_n, tile_k, stages = tiling
+  tile_m, tile_n, tile_k, stages = tiling[:4]
+  steady = bool(tiling[4]) if len(tiling) > 4 else False
   (m, k), inner = x_gmem.shape, y_gmem.shape[1]
   dtype = x_gmem.dtype
   cta_n = 2 * tile_n
@@ -192,14 +196,15 @@ def _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h_gmem, *, tiling, num_
                     plgpu_m.SwizzleTransform(out_swizzle))
   save = h_gmem is not None
 
-  def pipeline(body, context):
+  def pipeline(body, context, state=None):
     spec = lambda shape, index: plgpu_m.BlockSpec(shape, index, transforms=transforms,
                                                   memory_space=plgpu_m.SMEM)
     return plgpu_m.emit_pipeline_warp_specialized(
         body, grid=(k_iters,), memory_registers=40,
         in_specs=[spec((tile_m, tile_k), lambda kk: (0, kk)), spec((tile_k, cta_n), lambda kk: (kk, 0)),
                   spec((tile_k, cta_n), lambda kk: (kk, 0))],
-        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages, compute_context=context)
+        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages, compute_context=context,
+        pipeline_state=state)
 
   ignore = lambda *_, **__: None
 
@@ -252,15 +257,26 @@ def _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h_gmem, *, tiling, num_
         plgpu_m.wgmma_wait(0)
         return accs
 
-      pipeline(mma, context)(x_gmem.at[rows, :], w_gmem.at[:, cta_cols],
+      state = None
+      if steady:  # START on this SM's first tile, STOP on its last, STEADY between.
+        P = plgpu_m.PipelinePipeline
+        last = info.num_local_steps - 1
+        state = jnp.where(info.local_index == 0, jnp.int32(P.START),
+                          jnp.where(info.local_index == last, jnp.int32(P.STOP), jnp.int32(P.STEADY)))
+      pipeline(mma, context, state)(x_gmem.at[rows, :], w_gmem.at[:, cta_cols],
                              w_gmem.at[:, pl.ds(inner + ni * cta_n, cta_n)], allocations=allocs)
 
   plgpu_m.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def mgpu_supported(rows: int, k: int, inner: int, tiling=MGPU_TILING) -> bool:
-  tile_m, tile_n, tile_k, _ = tiling
-  return rows % tile_m == 0 and inner % (2 * tile_n) == 0 and k % tile_k == 0
+def mgpu_supported(rows: int, k: int, inner: int, tiling=MGPU_TILING, num_sms: int = 132) -> bool:
+  """Whole tiles; chained pipelines (steady) need K's steps in whole rounds of `stages` and two tiles per SM at
+  least (the first and last pipeline of an SM differ)."""
+  tile_m, tile_n, tile_k, stages = tiling[:4]
+  steady = len(tiling) > 4 and tiling[4]
+  tiles = rows // tile_m * inner // (2 * tile_n)
+  return (rows % tile_m == 0 and inner % (2 * tile_n) == 0 and k % tile_k == 0
+          and (not steady or (k // tile_k % stages == 0 and tiles >= 2 * num_sms)))
 
 
 @functools.partial(jax.jit, static_argnames=("save", "tiling", "num_sms"))

@@ -83,8 +83,10 @@ def main(argv=None):
                           (64, 64, 64, 4, 3), (128, 128, 32, 8, 3)],
                  help="Triton kernel tilings, each 'BM,BN,BK,WARPS,STAGES'")
   p.add_argument("--mgpu", type=tiling, nargs="*",
-                 default=[(128, 64, 64, 2), (64, 64, 64, 3), (64, 64, 64, 4), (128, 64, 32, 3)],
-                 help="Hopper (Mosaic GPU) forward tilings, each 'TILE_M,TILE_N,TILE_K,STAGES'")
+                 default=[(128, 64, 64, 2), (64, 64, 64, 4), (128, 64, 32, 5, 1), (64, 64, 32, 5, 1),
+                          (128, 64, 32, 2, 1)],
+                 help="Hopper (Mosaic GPU) forward tilings, each 'TILE_M,TILE_N,TILE_K,STAGES[,STEADY]' (STEADY 1: "
+                 "the tiles' pipelines chained, geglu_kernels.MGPU_TILING)")
   args = p.parse_args(argv)
   rng = np.random.default_rng(0)
   shapes = ((256, 128),) if args.small else SHAPES[:args.levels]
@@ -106,7 +108,7 @@ def main(argv=None):
         ("bwd", "xla", lambda dzs, hs: [jax.vjp(layers.geglu, h)[1](jnp.dot(dz, w2.T))[0] for dz, h in zip(dzs, hs)],
          (dzs, hs), gemm // 2)]
     for t in ([] if interpret else args.mgpu):
-      if not pallas_geglu.mgpu_supported(rows, c, inner, t):
+      if not pallas_geglu.mgpu_supported(rows, c, inner, t, jax.devices()[0].core_count):
         continue
       kw = dict(tiling=t)
       name = ",".join(map(str, t))
