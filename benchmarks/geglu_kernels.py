@@ -173,8 +173,9 @@ def backward(dz, w2, h=None, x=None, w=None, b=None, *, tiling=TILING, interpret
 
 
 # ---- Hopper (Mosaic GPU): warp-specialised, persistent, TMA + wgmma -------------------------------------------------
-# (tile_m, tile_n, tile_k, stages[, steady]): each of the two compute warpgroups holds a (tile_m, tile_n) value and
-# gate accumulator; a CTA covers 2 * tile_n columns of y. steady = 1: the tiles' pipelines chained (Mosaic GPU's
+# (tile_m, tile_n, tile_k, stages[, steady[, split_rows]]): each of the two compute warpgroups holds a (tile_m,
+# tile_n) value and gate accumulator; a CTA covers 2 * tile_n columns of y (split_rows = 1: 2 * tile_m rows, the
+# warpgroups sharing the weight tiles, e.g. 64 x 128 tiles for wider wgmma instructions). steady = 1: the tiles' pipelines chained (Mosaic GPU's
 # pipeline of pipelines: the producer fetches the next tile's first K steps while the consumers run this tile's
 # epilogue; K / tile_k must be a multiple of stages). With K = 320 (5 steps of 64) a pipeline restarted per tile
 # idles the tensor cores at each start.
@@ -185,10 +186,11 @@ def _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h_gmem, *, tiling, num_
   from jax.experimental.pallas import mosaic_gpu as plgpu_m
   tile_m, tile_n, tile_k, stages = tiling[:4]
   steady = bool(tiling[4]) if len(tiling) > 4 else False
+  split_rows = bool(tiling[5]) if len(tiling) > 5 else False
   (m, k), inner = x_gmem.shape, y_gmem.shape[1]
   dtype = x_gmem.dtype
-  cta_n = 2 * tile_n
-  m_iters, n_iters, k_iters = m // tile_m, inner // cta_n, k // tile_k
+  cta_m, cta_n = (2 * tile_m, tile_n) if split_rows else (tile_m, 2 * tile_n)
+  m_iters, n_iters, k_iters = m // cta_m, inner // cta_n, k // tile_k
   swizzle = plgpu_m.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
   transforms = (plgpu_m.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu_m.SwizzleTransform(swizzle))
   out_swizzle = plgpu_m.find_swizzle(tile_n * jnp.dtype(dtype).itemsize * 8)
@@ -201,7 +203,7 @@ def _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h_gmem, *, tiling, num_
                                                   memory_space=plgpu_m.SMEM)
     return plgpu_m.emit_pipeline_warp_specialized(
         body, grid=(k_iters,), memory_registers=40,
-        in_specs=[spec((tile_m, tile_k), lambda kk: (0, kk)), spec((tile_k, cta_n), lambda kk: (kk, 0)),
+        in_specs=[spec((cta_m, tile_k), lambda kk: (0, kk)), spec((tile_k, cta_n), lambda kk: (kk, 0)),
                   spec((tile_k, cta_n), lambda kk: (kk, 0))],
         wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages, compute_context=context,
         pipeline_state=state)
@@ -220,10 +222,13 @@ def _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h_gmem, *, tiling, num_
     def _tiles(info):
       (lin,) = info.index
       mi, ni = plgpu_m.planar_snake(lin, (m_iters, n_iters), 1, 1)
-      rows = pl.ds(mi * tile_m, tile_m)
-      cta_cols = pl.ds(ni * cta_n, cta_n)
-      wg_cols = pl.ds(wg * tile_n, tile_n)
-      cols = pl.ds(ni * cta_n + wg * tile_n, tile_n)  # This warpgroup's columns of value, of gate and of y.
+      cta_rows, cta_cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
+      # This warpgroup's part of the CTA's tiles, and its rows and columns of value, of gate and of y.
+      wg_rows = pl.ds(wg * tile_m, tile_m) if split_rows else slice(None)
+      wg_cols = slice(None) if split_rows else pl.ds(wg * tile_n, tile_n)
+      row0 = mi * cta_m + (wg * tile_m if split_rows else 0)
+      col0 = ni * cta_n + (0 if split_rows else wg * tile_n)
+      rows, cols = pl.ds(row0, tile_m), pl.ds(col0, tile_n)
 
       def context(run):
         @functools.partial(pl.run_scoped, acc_v=plgpu_m.ACC((tile_m, tile_n), jnp.float32),
@@ -247,13 +252,12 @@ def _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h_gmem, *, tiling, num_
           plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 0], y_gmem.at[rows, cols])
           if save:
             plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 1], h_gmem.at[rows, cols])
-            plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 2], h_gmem.at[rows, pl.ds(inner + ni * cta_n + wg * tile_n,
-                                                                                  tile_n)])
+            plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 2], h_gmem.at[rows, pl.ds(inner + col0, tile_n)])
 
       def mma(idxs, x_smem, wv_smem, wg_smem, accs):
         acc_v, acc_g = accs
-        plgpu_m.wgmma(acc_v, x_smem, wv_smem.at[:, wg_cols])
-        plgpu_m.wgmma(acc_g, x_smem, wg_smem.at[:, wg_cols])
+        plgpu_m.wgmma(acc_v, x_smem.at[wg_rows], wv_smem.at[:, wg_cols])
+        plgpu_m.wgmma(acc_g, x_smem.at[wg_rows], wg_smem.at[:, wg_cols])
         plgpu_m.wgmma_wait(0)
         return accs
 
@@ -263,8 +267,8 @@ def _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h_gmem, *, tiling, num_
         last = info.num_local_steps - 1
         state = jnp.where(info.local_index == 0, jnp.int32(P.START),
                           jnp.where(info.local_index == last, jnp.int32(P.STOP), jnp.int32(P.STEADY)))
-      pipeline(mma, context, state)(x_gmem.at[rows, :], w_gmem.at[:, cta_cols],
-                             w_gmem.at[:, pl.ds(inner + ni * cta_n, cta_n)], allocations=allocs)
+      pipeline(mma, context, state)(x_gmem.at[cta_rows, :], w_gmem.at[:, cta_cols],
+                                    w_gmem.at[:, pl.ds(inner + ni * cta_n, cta_n)], allocations=allocs)
 
   plgpu_m.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -274,8 +278,9 @@ def mgpu_supported(rows: int, k: int, inner: int, tiling=MGPU_TILING, num_sms: i
   least (the first and last pipeline of an SM differ)."""
   tile_m, tile_n, tile_k, stages = tiling[:4]
   steady = len(tiling) > 4 and tiling[4]
-  tiles = rows // tile_m * inner // (2 * tile_n)
-  return (rows % tile_m == 0 and inner % (2 * tile_n) == 0 and k % tile_k == 0
+  cta_m, cta_n = (2 * tile_m, tile_n) if len(tiling) > 5 and tiling[5] else (tile_m, 2 * tile_n)
+  tiles = rows // cta_m * (inner // cta_n)
+  return (rows % cta_m == 0 and inner % cta_n == 0 and k % tile_k == 0
           and (not steady or (k // tile_k % stages == 0 and tiles >= 2 * num_sms)))
 
 

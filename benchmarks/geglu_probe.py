@@ -84,9 +84,10 @@ def main(argv=None):
                  help="Triton kernel tilings, each 'BM,BN,BK,WARPS,STAGES'")
   p.add_argument("--mgpu", type=tiling, nargs="*",
                  default=[(128, 64, 64, 2), (64, 64, 64, 4), (128, 64, 32, 5, 1), (64, 64, 32, 5, 1),
-                          (128, 64, 32, 2, 1)],
-                 help="Hopper (Mosaic GPU) forward tilings, each 'TILE_M,TILE_N,TILE_K,STAGES[,STEADY]' (STEADY 1: "
-                 "the tiles' pipelines chained, geglu_kernels.MGPU_TILING)")
+                          (128, 64, 32, 2, 1), (64, 128, 64, 2, 0, 1), (64, 128, 32, 5, 1, 1)],
+                 help="Hopper (Mosaic GPU) forward tilings, each 'TILE_M,TILE_N,TILE_K,STAGES[,STEADY[,SPLIT_ROWS]]' "
+                 "(STEADY 1: the tiles' pipelines chained; SPLIT_ROWS 1: the warpgroups split rows, not columns; "
+                 "geglu_kernels.MGPU_TILING)")
   args = p.parse_args(argv)
   rng = np.random.default_rng(0)
   shapes = ((256, 128),) if args.small else SHAPES[:args.levels]
