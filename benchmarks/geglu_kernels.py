@@ -7,7 +7,9 @@ XLA's path (cuBLAS GEMMs and `layers.geglu`'s fused passes) and not kept in the 
   `backward`       Triton: (dz, W2, h) or (dz, W2, x, W, b) -> dh: dy = dz W2^T tile by tile in registers, value
                    and gate read from h or recomputed from x.
   `forward_mgpu`   Hopper (Mosaic GPU): `forward` with TMA loads by a producer warpgroup, wgmma by two consumer
-                   warpgroups, the GEGLU epilogue stored by TMA; persistent over the SMs.
+                   warpgroups, the GEGLU epilogue stored by TMA; persistent over the SMs; optionally the tiles'
+                   pipelines chained and the warpgroups splitting rows (`MGPU_TILING`).
+  `backward_mgpu`  Hopper: `backward` (h read) the same way, dy = dz W2^T by wgmma, GEGLU's backward in the epilogue.
 
 The Triton kernels view W (K, 2I) as (K, 2, I) and h, dh (rows, 2I) as (rows, 2, I), so that one program's
 (value, gate) column tiles are one block (free reshapes).
@@ -175,11 +177,25 @@ def backward(dz, w2, h=None, x=None, w=None, b=None, *, tiling=TILING, interpret
 # ---- Hopper (Mosaic GPU): warp-specialised, persistent, TMA + wgmma -------------------------------------------------
 # (tile_m, tile_n, tile_k, stages[, steady[, split_rows]]): each of the two compute warpgroups holds a (tile_m,
 # tile_n) value and gate accumulator; a CTA covers 2 * tile_n columns of y (split_rows = 1: 2 * tile_m rows, the
-# warpgroups sharing the weight tiles, e.g. 64 x 128 tiles for wider wgmma instructions). steady = 1: the tiles' pipelines chained (Mosaic GPU's
-# pipeline of pipelines: the producer fetches the next tile's first K steps while the consumers run this tile's
-# epilogue; K / tile_k must be a multiple of stages). With K = 320 (5 steps of 64) a pipeline restarted per tile
-# idles the tensor cores at each start.
+# warpgroups sharing the weight tiles, e.g. 64 x 128 tiles for wider wgmma instructions). steady = 1: the tiles'
+# pipelines chained (Mosaic GPU's pipeline of pipelines: the producer fetches the next tile's first K steps while
+# the consumers run this tile's epilogue; K / tile_k must be a multiple of stages). With K = 320 (5 steps of 64)
+# a pipeline restarted per tile idles the tensor cores at each start.
 MGPU_TILING = (128, 64, 64, 2)
+
+
+def _swizzled(plgpu_m, minor: int, dtype):
+  """SMEM transforms for tiles whose minor dimension holds `minor` elements of `dtype` (TMA + wgmma swizzle)."""
+  swizzle = plgpu_m.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+  return plgpu_m.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu_m.SwizzleTransform(swizzle)
+
+
+def _pipeline_state(plgpu_m, info):
+  """Chained pipelines: START on this SM's first tile, STOP on its last, STEADY between."""
+  P = plgpu_m.PipelinePipeline
+  last = info.num_local_steps - 1
+  return jnp.where(info.local_index == 0, jnp.int32(P.START),
+                   jnp.where(info.local_index == last, jnp.int32(P.STOP), jnp.int32(P.STEADY)))
 
 
 def _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h_gmem, *, tiling, num_sms: int):
@@ -191,11 +207,7 @@ def _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h_gmem, *, tiling, num_
   dtype = x_gmem.dtype
   cta_m, cta_n = (2 * tile_m, tile_n) if split_rows else (tile_m, 2 * tile_n)
   m_iters, n_iters, k_iters = m // cta_m, inner // cta_n, k // tile_k
-  swizzle = plgpu_m.find_swizzle(tile_k * jnp.dtype(dtype).itemsize * 8)
-  transforms = (plgpu_m.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu_m.SwizzleTransform(swizzle))
-  out_swizzle = plgpu_m.find_swizzle(tile_n * jnp.dtype(dtype).itemsize * 8)
-  out_transforms = (plgpu_m.TilingTransform((8, out_swizzle // jnp.dtype(dtype).itemsize)),
-                    plgpu_m.SwizzleTransform(out_swizzle))
+  transforms, out_transforms = _swizzled(plgpu_m, tile_k, dtype), _swizzled(plgpu_m, tile_n, dtype)
   save = h_gmem is not None
 
   def pipeline(body, context, state=None):
@@ -261,12 +273,7 @@ def _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h_gmem, *, tiling, num_
         plgpu_m.wgmma_wait(0)
         return accs
 
-      state = None
-      if steady:  # START on this SM's first tile, STOP on its last, STEADY between.
-        P = plgpu_m.PipelinePipeline
-        last = info.num_local_steps - 1
-        state = jnp.where(info.local_index == 0, jnp.int32(P.START),
-                          jnp.where(info.local_index == last, jnp.int32(P.STOP), jnp.int32(P.STEADY)))
+      state = _pipeline_state(plgpu_m, info) if steady else None
       pipeline(mma, context, state)(x_gmem.at[cta_rows, :], w_gmem.at[:, cta_cols],
                                     w_gmem.at[:, pl.ds(inner + ni * cta_n, cta_n)], allocations=allocs)
 
@@ -292,9 +299,9 @@ def forward_mgpu(x, w, b, *, save: bool = False, tiling=MGPU_TILING, num_sms: in
   (rows, k), inner = x.shape, w.shape[1] // 2
   if w.shape != (k, 2 * inner) or b.shape != (2 * inner,):
     raise ValueError(f"GEGLU forward kernel: x {x.shape}, w {w.shape}, b {b.shape} do not fit (K, 2I) and (2I,)")
-  if not mgpu_supported(rows, k, inner, tiling):
-    raise ValueError(f"GEGLU Hopper kernel: {rows} rows, K {k}, inner {inner} do not divide into {tiling}")
   num_sms = num_sms or jax.devices()[0].core_count
+  if not mgpu_supported(rows, k, inner, tiling, num_sms):
+    raise ValueError(f"GEGLU Hopper kernel: {rows} rows, K {k}, inner {inner} do not divide into {tiling}")
   out_type = [jax.ShapeDtypeStruct((rows, inner), x.dtype)]
   if save:
     out_type.append(jax.ShapeDtypeStruct((rows, 2 * inner), x.dtype))
@@ -307,3 +314,91 @@ def forward_mgpu(x, w, b, *, save: bool = False, tiling=MGPU_TILING, num_sms: in
       compiler_params=plgpu_m.CompilerParams(lowering_semantics=plgpu_m.LoweringSemantics.Warpgroup),
   )(x, w.astype(x.dtype), b.astype(x.dtype).reshape(2, inner))
   return (out[0], out[1]) if save else out[0]
+
+
+def _mgpu_backward_kernel(dz_gmem, w2t_gmem, h_gmem, dh_gmem, *, tiling, num_sms: int):
+  from jax.experimental.pallas import mosaic_gpu as plgpu_m
+  tile_m, tile_n, tile_k, stages = tiling[:4]
+  steady = bool(tiling[4]) if len(tiling) > 4 else False
+  (m, c), inner = dz_gmem.shape, w2t_gmem.shape[1]
+  dtype = dz_gmem.dtype
+  cta_n = 2 * tile_n
+  m_iters, n_iters, k_iters = m // tile_m, inner // cta_n, c // tile_k
+  transforms, out_transforms = _swizzled(plgpu_m, tile_k, dtype), _swizzled(plgpu_m, tile_n, dtype)
+
+  def pipeline(body, context, state=None):
+    spec = lambda shape, index: plgpu_m.BlockSpec(shape, index, transforms=transforms, memory_space=plgpu_m.SMEM)
+    return plgpu_m.emit_pipeline_warp_specialized(
+        body, grid=(k_iters,), memory_registers=40,
+        in_specs=[spec((tile_m, tile_k), lambda kk: (0, kk)), spec((tile_k, cta_n), lambda kk: (kk, 0))],
+        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages, compute_context=context,
+        pipeline_state=state)
+
+  ignore = lambda *_, **__: None
+
+  @functools.partial(
+      pl.run_scoped,
+      allocs=pipeline(ignore, ignore).get_allocations(dz_gmem, w2t_gmem),
+      out_smem=plgpu_m.SMEM((2, 2, tile_m, tile_n), dtype, transforms=out_transforms),
+      collective_axes="wg")
+  def _scope(allocs, out_smem):
+    wg = jax.lax.axis_index("wg")
+
+    @plgpu_m.nd_loop((m_iters * n_iters,), collective_axes="sm")
+    def _tiles(info):
+      (lin,) = info.index
+      mi, ni = plgpu_m.planar_snake(lin, (m_iters, n_iters), 1, 1)
+      rows, wg_cols = pl.ds(mi * tile_m, tile_m), pl.ds(wg * tile_n, tile_n)
+      col0 = ni * cta_n + wg * tile_n
+      cols = pl.ds(col0, tile_n)
+
+      def context(run):
+        @functools.partial(pl.run_scoped, acc=plgpu_m.ACC((tile_m, tile_n), jnp.float32))
+        def _acc(acc):
+          run(acc)
+          wgmma = plgpu_m.Layout.WGMMA
+          # value and gate straight from HBM in the accumulator's layout (they are read once).
+          v = plgpu_m.load(h_gmem.at[rows, cols], (), layout=wgmma, optimized=False).astype(jnp.float32)
+          g = plgpu_m.load(h_gmem.at[rows, pl.ds(inner + col0, tile_n)], (), layout=wgmma,
+                           optimized=False).astype(jnp.float32)
+          dy = acc[...].astype(dtype).astype(jnp.float32)  # Rounded as the unfused path's GEMM writes it.
+          cdf = _cdf(g)
+          pdf = jnp.exp(-0.5 * g * g) * (1.0 / math.sqrt(2.0 * math.pi))
+          plgpu_m.wait_smem_to_gmem(0, wait_read_only=True)
+          out_smem[wg, 0] = (dy * g * cdf).astype(dtype)
+          out_smem[wg, 1] = (dy * v * (cdf + g * pdf)).astype(dtype)
+          plgpu_m.commit_smem()
+          plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 0], dh_gmem.at[rows, cols])
+          plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 1], dh_gmem.at[rows, pl.ds(inner + col0, tile_n)])
+
+      def mma(idxs, dz_smem, w_smem, acc):
+        plgpu_m.wgmma(acc, dz_smem, w_smem.at[:, wg_cols])
+        plgpu_m.wgmma_wait(0)
+        return acc
+
+      state = _pipeline_state(plgpu_m, info) if steady else None
+      pipeline(mma, context, state)(dz_gmem.at[rows, :], w2t_gmem.at[:, pl.ds(ni * cta_n, cta_n)],
+                                    allocations=allocs)
+
+  plgpu_m.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "num_sms"))
+def backward_mgpu(dz, w2, h, *, tiling=MGPU_TILING, num_sms: int | None = None):
+  """`backward` (h read) as a Hopper kernel: dy = dz w2^T by wgmma (w2^T made by XLA: a small frozen weight),
+  GEGLU's backward in the epilogue with value and gate read from h, dh stored by TMA. bf16/fp16 only."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu_m
+  (rows, c), inner = dz.shape, w2.shape[0]
+  if w2.shape != (inner, c) or h.shape != (rows, 2 * inner):
+    raise ValueError(f"GEGLU backward kernel: dz {dz.shape}, w2 {w2.shape}, h {h.shape} do not fit")
+  num_sms = num_sms or jax.devices()[0].core_count
+  if len(tiling) > 5 and tiling[5]:
+    raise ValueError("GEGLU Hopper backward kernel: its warpgroups split columns only (no split_rows)")
+  if not mgpu_supported(rows, c, inner, tiling, num_sms):
+    raise ValueError(f"GEGLU Hopper kernel: {rows} rows, K {c}, inner {inner} do not divide into {tiling}")
+  return plgpu_m.kernel(
+      functools.partial(_mgpu_backward_kernel, tiling=tiling, num_sms=num_sms),
+      out_type=jax.ShapeDtypeStruct((rows, 2 * inner), dz.dtype), grid=(num_sms,), grid_names=("sm",),
+      num_threads=3, thread_name="wg",
+      compiler_params=plgpu_m.CompilerParams(lowering_semantics=plgpu_m.LoweringSemantics.Warpgroup),
+  )(dz, w2.astype(dz.dtype).T, h)

@@ -1,12 +1,13 @@
 """The transformer blocks' GEGLU feed-forward on the SD-2 UNet's shapes at b32, 512 px: XLA's path (cuBLAS GEMMs and
-`layers.geglu`'s fused passes) against the kernels of `geglu_kernels.py` (issue 5; not in the model: they lost). Per shape (rows, C), inner I = 4C:
+`layers.geglu`'s fused passes) against the kernels of `geglu_kernels.py` (issue 5; not in the model: they lost).
+Per shape (rows, C), inner I = 4C:
 
   fwd    x -> y = GEGLU(x W + b): XLA's GEMM + GEGLU pass; the Triton kernel with h saved ("save") or not
          ("nosave"); the Hopper (Mosaic GPU) kernel likewise ("mgpu save", "mgpu nosave")
-  bwd    (dz, ...) -> dh: XLA's dy = dz W2^T GEMM + GEGLU backward pass; the kernel reading h ("saved") or
-         recomputing it from x ("recompute")
+  bwd    (dz, ...) -> dh: XLA's dy = dz W2^T GEMM + GEGLU backward pass; the Triton kernel reading h ("saved") or
+         recomputing it from x ("recompute"); the Hopper kernel reading h ("mgpu saved")
   ff     the whole feed-forward x -> z = y W2 + b2, forward + backward to dx, for XLA and the best tiling of each
-         kernel pair ("mgpu": the Hopper forward, XLA's backward)
+         kernel pair ("mgpu": the Hopper forward, XLA's backward; "mgpu2": both Hopper kernels)
 
   python benchmarks/geglu_probe.py            # on the GPU
   python benchmarks/geglu_probe.py --small    # CPU smoke test (kernels interpreted, tiny shapes)
@@ -50,7 +51,7 @@ def feed_forward(mode: str, w, b, w2, b2, fwd_tiling=None, bwd_tiling=None, inte
     return xla(x)
 
   def fwd(x):
-    if mode == "mgpu":
+    if mode in ("mgpu", "mgpu2"):
       y, h = pallas_geglu.forward_mgpu(x, w, b, save=True, tiling=fwd_tiling)
       return jnp.dot(y, w2) + b2, h
     if mode == "save":
@@ -61,6 +62,8 @@ def feed_forward(mode: str, w, b, w2, b2, fwd_tiling=None, bwd_tiling=None, inte
   def bwd(res, dz):
     if mode == "mgpu":
       dh = layers._geglu_bwd(res, jnp.dot(dz, w2.T))[0]
+    elif mode == "mgpu2":
+      dh = pallas_geglu.backward_mgpu(dz, w2, res, tiling=bwd_tiling)
     elif mode == "save":
       dh = pallas_geglu.backward(dz, w2, h=res, tiling=bwd_tiling, interpret=interpret)
     else:
@@ -88,6 +91,9 @@ def main(argv=None):
                  help="Hopper (Mosaic GPU) forward tilings, each 'TILE_M,TILE_N,TILE_K,STAGES[,STEADY[,SPLIT_ROWS]]' "
                  "(STEADY 1: the tiles' pipelines chained; SPLIT_ROWS 1: the warpgroups split rows, not columns; "
                  "geglu_kernels.MGPU_TILING)")
+  p.add_argument("--mgpu-bwd", type=tiling, nargs="*",
+                 default=[(128, 64, 64, 2), (128, 64, 32, 5, 1), (128, 128, 64, 2), (64, 128, 32, 5, 1)],
+                 help="Hopper backward tilings, each 'TILE_M,TILE_N,TILE_K,STAGES[,STEADY]'")
   args = p.parse_args(argv)
   rng = np.random.default_rng(0)
   shapes = ((256, 128),) if args.small else SHAPES[:args.levels]
@@ -118,6 +124,12 @@ def main(argv=None):
            lambda xs, kw=kw: [pallas_geglu.forward_mgpu(x, w, b, save=True, **kw) for x in xs], (xs,), gemm),
           ("fwd", f"mgpu nosave {name}",
            lambda xs, kw=kw: [pallas_geglu.forward_mgpu(x, w, b, **kw) for x in xs], (xs,), gemm)]
+    for t in ([] if interpret else args.mgpu_bwd):
+      if pallas_geglu.mgpu_supported(rows, c, inner, t, jax.devices()[0].core_count):
+        variants.append(("bwd", f"mgpu saved {','.join(map(str, t))}",
+                         lambda dzs, hs, t=t: [pallas_geglu.backward_mgpu(dz, w2, h, tiling=t)
+                                               for dz, h in zip(dzs, hs)],
+                         (dzs, hs), gemm // 2))
     for t in tilings:
       if not pallas_geglu.supported(rows, c, inner, t):
         continue
@@ -147,17 +159,23 @@ def main(argv=None):
     # The whole feed-forward, forward + backward to dx, with the best tilings.
     ff_variants = []
     for mode, fkind, bkind in (("xla", None, None), ("save", "save", "saved"), ("recompute", "nosave", "recompute"),
-                               ("mgpu", "mgpu save", None)):
+                               ("mgpu", "mgpu save", None), ("mgpu2", "mgpu save", "mgpu saved")):
       if mode != "xla" and (fkind not in best or (bkind and bkind not in best)):
         continue
       ft, bt = (best[fkind][0], bkind and best[bkind][0]) if mode != "xla" else (None, None)
+      if mode == "mgpu2":  # The Hopper backward's dh against XLA's.
+        want = jax.vjp(layers.geglu, hs[0])[1](jnp.dot(dzs[0], w2.T))[0]
+        got = pallas_geglu.backward_mgpu(dzs[0], w2, hs[0], tiling=bt)
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        print(f"{rows:>7d} x {c:<5d} bwd   mgpu dh max rel err {np.abs(got - want).max() / np.abs(want).max():.2e}")
       if mode == "mgpu":
         # Check the Hopper kernel's y and h against XLA's before timing it.
         y, h = pallas_geglu.forward_mgpu(xs[0], w, b, save=True, tiling=ft)
         want_h = jnp.dot(xs[0], w) + b
         for what, got, want in (("h", h, want_h), ("y", y, layers.geglu(want_h))):
           got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-          print(f"{rows:>7d} x {c:<5d} fwd   mgpu {what} max rel err {np.abs(got - want).max() / np.abs(want).max():.2e}")
+          err = np.abs(got - want).max() / np.abs(want).max()
+          print(f"{rows:>7d} x {c:<5d} fwd   mgpu {what} max rel err {err:.2e}")
       fn = feed_forward(mode, w, b, w2, b2, ft, bt, interpret)
       step = lambda xs, dzs, fn=fn: [jax.vjp(fn, x)[1](dz)[0] for x, dz in zip(xs, dzs)]
       ff_variants.append(("ff", mode if mode == "xla" else f"{mode} {ft} / {bt}", jax.jit(step), (xs, dzs)))
