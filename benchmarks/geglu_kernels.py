@@ -198,6 +198,36 @@ def _pipeline_state(plgpu_m, info):
                    jnp.where(info.local_index == last, jnp.int32(P.STOP), jnp.int32(P.STEADY)))
 
 
+def _mgpu_persistent(plgpu_m, operands, blocks, *, tiles, k_iters: int, stages: int, steady: bool, transforms,
+                     out_smem, tile):
+  """Both Hopper kernels' skeleton: one CTA per SM walks the (m, n) output tiles (`tiles`, a planar snake); per tile
+  a warp-specialised pipeline over K feeds `blocks` ((shape, index) per operand) of `operands` to two compute
+  warpgroups. `tile(mi, ni, wg, out_smem)` gives (mma body, compute context, the operands' slices for the tile)."""
+  def pipeline(body, context, state=None):
+    specs = [plgpu_m.BlockSpec(shape, index, transforms=transforms, memory_space=plgpu_m.SMEM)
+             for shape, index in blocks]
+    return plgpu_m.emit_pipeline_warp_specialized(
+        body, grid=(k_iters,), memory_registers=40, in_specs=specs, wg_axis="wg", num_compute_wgs=2,
+        max_concurrent_steps=stages, compute_context=context, pipeline_state=state)
+
+  ignore = lambda *_, **__: None
+
+  @functools.partial(pl.run_scoped, allocs=pipeline(ignore, ignore).get_allocations(*operands), out_smem=out_smem,
+                     collective_axes="wg")
+  def _scope(allocs, out_smem):
+    wg = jax.lax.axis_index("wg")
+
+    @plgpu_m.nd_loop((tiles[0] * tiles[1],), collective_axes="sm")
+    def _tiles(info):
+      (lin,) = info.index
+      mi, ni = plgpu_m.planar_snake(lin, tiles, 1, 1)
+      mma, context, slices = tile(mi, ni, wg, out_smem)
+      state = _pipeline_state(plgpu_m, info) if steady else None
+      pipeline(mma, context, state)(*slices, allocations=allocs)
+
+  plgpu_m.wait_smem_to_gmem(0, wait_read_only=True)
+
+
 def _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h_gmem, *, tiling, num_sms: int):
   from jax.experimental.pallas import mosaic_gpu as plgpu_m
   tile_m, tile_n, tile_k, stages = tiling[:4]
@@ -206,78 +236,60 @@ def _mgpu_forward_kernel(x_gmem, w_gmem, b_gmem, y_gmem, h_gmem, *, tiling, num_
   (m, k), inner = x_gmem.shape, y_gmem.shape[1]
   dtype = x_gmem.dtype
   cta_m, cta_n = (2 * tile_m, tile_n) if split_rows else (tile_m, 2 * tile_n)
-  m_iters, n_iters, k_iters = m // cta_m, inner // cta_n, k // tile_k
-  transforms, out_transforms = _swizzled(plgpu_m, tile_k, dtype), _swizzled(plgpu_m, tile_n, dtype)
   save = h_gmem is not None
 
-  def pipeline(body, context, state=None):
-    spec = lambda shape, index: plgpu_m.BlockSpec(shape, index, transforms=transforms,
-                                                  memory_space=plgpu_m.SMEM)
-    return plgpu_m.emit_pipeline_warp_specialized(
-        body, grid=(k_iters,), memory_registers=40,
-        in_specs=[spec((cta_m, tile_k), lambda kk: (0, kk)), spec((tile_k, cta_n), lambda kk: (kk, 0)),
-                  spec((tile_k, cta_n), lambda kk: (kk, 0))],
-        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages, compute_context=context,
-        pipeline_state=state)
+  def tile(mi, ni, wg, out_smem):
+    cta_rows, cta_cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
+    # This warpgroup's part of the CTA's tiles, and its rows and columns of value, of gate and of y.
+    wg_rows = pl.ds(wg * tile_m, tile_m) if split_rows else slice(None)
+    wg_cols = slice(None) if split_rows else pl.ds(wg * tile_n, tile_n)
+    row0 = mi * cta_m + (wg * tile_m if split_rows else 0)
+    col0 = ni * cta_n + (0 if split_rows else wg * tile_n)
+    rows, cols = pl.ds(row0, tile_m), pl.ds(col0, tile_n)
 
-  ignore = lambda *_, **__: None
+    def context(run):
+      @functools.partial(pl.run_scoped, acc_v=plgpu_m.ACC((tile_m, tile_n), jnp.float32),
+                         acc_g=plgpu_m.ACC((tile_m, tile_n), jnp.float32))
+      def _accs(acc_v, acc_g):
+        run((acc_v, acc_g))
+        col = plgpu_m.Layout.WGMMA.reduce(0)
+        bv = plgpu_m.load(b_gmem.at[0, cols], (), layout=col, optimized=False).astype(jnp.float32)
+        bg = plgpu_m.load(b_gmem.at[1, cols], (), layout=col, optimized=False).astype(jnp.float32)
+        shape = (tile_m, tile_n)
+        value = (acc_v[...] + jax.lax.broadcast_in_dim(bv, shape, [1])).astype(dtype)
+        gate = (acc_g[...] + jax.lax.broadcast_in_dim(bg, shape, [1])).astype(dtype)
+        v, g = value.astype(jnp.float32), gate.astype(jnp.float32)
+        y = (v * g * _cdf(g)).astype(dtype)  # No erf layout rule in Mosaic GPU: the polynomial.
+        plgpu_m.wait_smem_to_gmem(0, wait_read_only=True)  # The previous tile's stores have read out_smem.
+        out_smem[wg, 0] = y
+        if save:
+          out_smem[wg, 1] = value
+          out_smem[wg, 2] = gate
+        plgpu_m.commit_smem()
+        plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 0], y_gmem.at[rows, cols])
+        if save:
+          plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 1], h_gmem.at[rows, cols])
+          plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 2], h_gmem.at[rows, pl.ds(inner + col0, tile_n)])
 
-  @functools.partial(
-      pl.run_scoped,
-      allocs=pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem, w_gmem),
-      out_smem=plgpu_m.SMEM((2, 3 if save else 1, tile_m, tile_n), dtype, transforms=out_transforms),
-      collective_axes="wg")
-  def _scope(allocs, out_smem):
-    wg = jax.lax.axis_index("wg")
+    def mma(idxs, x_smem, wv_smem, wg_smem, accs):
+      acc_v, acc_g = accs
+      plgpu_m.wgmma(acc_v, x_smem.at[wg_rows], wv_smem.at[:, wg_cols])
+      plgpu_m.wgmma(acc_g, x_smem.at[wg_rows], wg_smem.at[:, wg_cols])
+      plgpu_m.wgmma_wait(0)
+      return accs
 
-    @plgpu_m.nd_loop((m_iters * n_iters,), collective_axes="sm")
-    def _tiles(info):
-      (lin,) = info.index
-      mi, ni = plgpu_m.planar_snake(lin, (m_iters, n_iters), 1, 1)
-      cta_rows, cta_cols = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
-      # This warpgroup's part of the CTA's tiles, and its rows and columns of value, of gate and of y.
-      wg_rows = pl.ds(wg * tile_m, tile_m) if split_rows else slice(None)
-      wg_cols = slice(None) if split_rows else pl.ds(wg * tile_n, tile_n)
-      row0 = mi * cta_m + (wg * tile_m if split_rows else 0)
-      col0 = ni * cta_n + (0 if split_rows else wg * tile_n)
-      rows, cols = pl.ds(row0, tile_m), pl.ds(col0, tile_n)
+    return mma, context, (x_gmem.at[cta_rows, :], w_gmem.at[:, cta_cols],
+                          w_gmem.at[:, pl.ds(inner + ni * cta_n, cta_n)])
 
-      def context(run):
-        @functools.partial(pl.run_scoped, acc_v=plgpu_m.ACC((tile_m, tile_n), jnp.float32),
-                           acc_g=plgpu_m.ACC((tile_m, tile_n), jnp.float32))
-        def _accs(acc_v, acc_g):
-          run((acc_v, acc_g))
-          col = plgpu_m.Layout.WGMMA.reduce(0)
-          bv = plgpu_m.load(b_gmem.at[0, cols], (), layout=col, optimized=False).astype(jnp.float32)
-          bg = plgpu_m.load(b_gmem.at[1, cols], (), layout=col, optimized=False).astype(jnp.float32)
-          shape = (tile_m, tile_n)
-          value = (acc_v[...] + jax.lax.broadcast_in_dim(bv, shape, [1])).astype(dtype)
-          gate = (acc_g[...] + jax.lax.broadcast_in_dim(bg, shape, [1])).astype(dtype)
-          v, g = value.astype(jnp.float32), gate.astype(jnp.float32)
-          y = (v * g * _cdf(g)).astype(dtype)  # No erf layout rule in Mosaic GPU: the polynomial.
-          plgpu_m.wait_smem_to_gmem(0, wait_read_only=True)  # The previous tile's stores have read out_smem.
-          out_smem[wg, 0] = y
-          if save:
-            out_smem[wg, 1] = value
-            out_smem[wg, 2] = gate
-          plgpu_m.commit_smem()
-          plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 0], y_gmem.at[rows, cols])
-          if save:
-            plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 1], h_gmem.at[rows, cols])
-            plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 2], h_gmem.at[rows, pl.ds(inner + col0, tile_n)])
-
-      def mma(idxs, x_smem, wv_smem, wg_smem, accs):
-        acc_v, acc_g = accs
-        plgpu_m.wgmma(acc_v, x_smem.at[wg_rows], wv_smem.at[:, wg_cols])
-        plgpu_m.wgmma(acc_g, x_smem.at[wg_rows], wg_smem.at[:, wg_cols])
-        plgpu_m.wgmma_wait(0)
-        return accs
-
-      state = _pipeline_state(plgpu_m, info) if steady else None
-      pipeline(mma, context, state)(x_gmem.at[cta_rows, :], w_gmem.at[:, cta_cols],
-                                    w_gmem.at[:, pl.ds(inner + ni * cta_n, cta_n)], allocations=allocs)
-
-  plgpu_m.wait_smem_to_gmem(0, wait_read_only=True)
+  _mgpu_persistent(
+      plgpu_m, (x_gmem, w_gmem, w_gmem),
+      [((cta_m, tile_k), lambda kk: (0, kk)), ((tile_k, cta_n), lambda kk: (kk, 0)),
+       ((tile_k, cta_n), lambda kk: (kk, 0))],
+      tiles=(m // cta_m, inner // cta_n), k_iters=k // tile_k, stages=stages, steady=steady,
+      transforms=_swizzled(plgpu_m, tile_k, dtype),
+      out_smem=plgpu_m.SMEM((2, 3 if save else 1, tile_m, tile_n), dtype,
+                            transforms=_swizzled(plgpu_m, tile_n, dtype)),
+      tile=tile)
 
 
 def mgpu_supported(rows: int, k: int, inner: int, tiling=MGPU_TILING, num_sms: int = 132) -> bool:
@@ -323,64 +335,44 @@ def _mgpu_backward_kernel(dz_gmem, w2t_gmem, h_gmem, dh_gmem, *, tiling, num_sms
   (m, c), inner = dz_gmem.shape, w2t_gmem.shape[1]
   dtype = dz_gmem.dtype
   cta_n = 2 * tile_n
-  m_iters, n_iters, k_iters = m // tile_m, inner // cta_n, c // tile_k
-  transforms, out_transforms = _swizzled(plgpu_m, tile_k, dtype), _swizzled(plgpu_m, tile_n, dtype)
 
-  def pipeline(body, context, state=None):
-    spec = lambda shape, index: plgpu_m.BlockSpec(shape, index, transforms=transforms, memory_space=plgpu_m.SMEM)
-    return plgpu_m.emit_pipeline_warp_specialized(
-        body, grid=(k_iters,), memory_registers=40,
-        in_specs=[spec((tile_m, tile_k), lambda kk: (0, kk)), spec((tile_k, cta_n), lambda kk: (kk, 0))],
-        wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=stages, compute_context=context,
-        pipeline_state=state)
+  def tile(mi, ni, wg, out_smem):
+    rows, wg_cols = pl.ds(mi * tile_m, tile_m), pl.ds(wg * tile_n, tile_n)
+    col0 = ni * cta_n + wg * tile_n
+    cols = pl.ds(col0, tile_n)
 
-  ignore = lambda *_, **__: None
+    def context(run):
+      @functools.partial(pl.run_scoped, acc=plgpu_m.ACC((tile_m, tile_n), jnp.float32))
+      def _acc(acc):
+        run(acc)
+        wgmma = plgpu_m.Layout.WGMMA
+        # value and gate straight from HBM in the accumulator's layout (they are read once).
+        v = plgpu_m.load(h_gmem.at[rows, cols], (), layout=wgmma, optimized=False).astype(jnp.float32)
+        g = plgpu_m.load(h_gmem.at[rows, pl.ds(inner + col0, tile_n)], (), layout=wgmma,
+                         optimized=False).astype(jnp.float32)
+        dy = acc[...].astype(dtype).astype(jnp.float32)  # Rounded as the unfused path's GEMM writes it.
+        cdf = _cdf(g)
+        pdf = jnp.exp(-0.5 * g * g) * (1.0 / math.sqrt(2.0 * math.pi))
+        plgpu_m.wait_smem_to_gmem(0, wait_read_only=True)
+        out_smem[wg, 0] = (dy * g * cdf).astype(dtype)
+        out_smem[wg, 1] = (dy * v * (cdf + g * pdf)).astype(dtype)
+        plgpu_m.commit_smem()
+        plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 0], dh_gmem.at[rows, cols])
+        plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 1], dh_gmem.at[rows, pl.ds(inner + col0, tile_n)])
 
-  @functools.partial(
-      pl.run_scoped,
-      allocs=pipeline(ignore, ignore).get_allocations(dz_gmem, w2t_gmem),
-      out_smem=plgpu_m.SMEM((2, 2, tile_m, tile_n), dtype, transforms=out_transforms),
-      collective_axes="wg")
-  def _scope(allocs, out_smem):
-    wg = jax.lax.axis_index("wg")
+    def mma(idxs, dz_smem, w_smem, acc):
+      plgpu_m.wgmma(acc, dz_smem, w_smem.at[:, wg_cols])
+      plgpu_m.wgmma_wait(0)
+      return acc
 
-    @plgpu_m.nd_loop((m_iters * n_iters,), collective_axes="sm")
-    def _tiles(info):
-      (lin,) = info.index
-      mi, ni = plgpu_m.planar_snake(lin, (m_iters, n_iters), 1, 1)
-      rows, wg_cols = pl.ds(mi * tile_m, tile_m), pl.ds(wg * tile_n, tile_n)
-      col0 = ni * cta_n + wg * tile_n
-      cols = pl.ds(col0, tile_n)
+    return mma, context, (dz_gmem.at[rows, :], w2t_gmem.at[:, pl.ds(ni * cta_n, cta_n)])
 
-      def context(run):
-        @functools.partial(pl.run_scoped, acc=plgpu_m.ACC((tile_m, tile_n), jnp.float32))
-        def _acc(acc):
-          run(acc)
-          wgmma = plgpu_m.Layout.WGMMA
-          # value and gate straight from HBM in the accumulator's layout (they are read once).
-          v = plgpu_m.load(h_gmem.at[rows, cols], (), layout=wgmma, optimized=False).astype(jnp.float32)
-          g = plgpu_m.load(h_gmem.at[rows, pl.ds(inner + col0, tile_n)], (), layout=wgmma,
-                           optimized=False).astype(jnp.float32)
-          dy = acc[...].astype(dtype).astype(jnp.float32)  # Rounded as the unfused path's GEMM writes it.
-          cdf = _cdf(g)
-          pdf = jnp.exp(-0.5 * g * g) * (1.0 / math.sqrt(2.0 * math.pi))
-          plgpu_m.wait_smem_to_gmem(0, wait_read_only=True)
-          out_smem[wg, 0] = (dy * g * cdf).astype(dtype)
-          out_smem[wg, 1] = (dy * v * (cdf + g * pdf)).astype(dtype)
-          plgpu_m.commit_smem()
-          plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 0], dh_gmem.at[rows, cols])
-          plgpu_m.copy_smem_to_gmem(out_smem.at[wg, 1], dh_gmem.at[rows, pl.ds(inner + col0, tile_n)])
-
-      def mma(idxs, dz_smem, w_smem, acc):
-        plgpu_m.wgmma(acc, dz_smem, w_smem.at[:, wg_cols])
-        plgpu_m.wgmma_wait(0)
-        return acc
-
-      state = _pipeline_state(plgpu_m, info) if steady else None
-      pipeline(mma, context, state)(dz_gmem.at[rows, :], w2t_gmem.at[:, pl.ds(ni * cta_n, cta_n)],
-                                    allocations=allocs)
-
-  plgpu_m.wait_smem_to_gmem(0, wait_read_only=True)
+  _mgpu_persistent(
+      plgpu_m, (dz_gmem, w2t_gmem), [((tile_m, tile_k), lambda kk: (0, kk)), ((tile_k, cta_n), lambda kk: (kk, 0))],
+      tiles=(m // tile_m, inner // cta_n), k_iters=c // tile_k, stages=stages, steady=steady,
+      transforms=_swizzled(plgpu_m, tile_k, dtype),
+      out_smem=plgpu_m.SMEM((2, 2, tile_m, tile_n), dtype, transforms=_swizzled(plgpu_m, tile_n, dtype)),
+      tile=tile)
 
 
 @functools.partial(jax.jit, static_argnames=("tiling", "num_sms"))
