@@ -118,3 +118,87 @@ def test_dropout_mask_pairs_the_row_halves(shape):
   want = np.concatenate([low, high], axis=1)[:, :k] >= 32768
   np.testing.assert_array_equal(got.reshape(rows, k), want)
   assert 0.3 < want.mean() < 0.7 or want.size < 64
+
+
+@pytest.mark.parametrize("rows,k,n,with_delta,dtype,tol", [
+    (64, 320, 3, False, jnp.float32, 1e-5),   # the UNet's width (halves of 160 padded to 256), q/k/v after norm1
+    (128, 128, 1, True, jnp.float32, 1e-5),   # q after norm2 (the residual add)
+    (64, 192, 3, True, jnp.bfloat16, 2e-2),   # the compute dtype of training
+])
+def test_norm_kernels_equal_the_unfused_kernels(rows, k, n, with_delta, dtype, tol):
+  """`norm_down` against `pallas_norm.forward` then `down`, and `norm_up_grad` against `up_grad` (or its XLA form for
+  one adapter) then `pallas_norm.backward`, all interpreted: the same h, [y | h_1 | ... | h_n], statistics and dx."""
+  from idmp_jax.models import pallas_norm
+  r = 16
+  x, a, rates, seeds, scales = _inputs(rows, k, r, n, dtype, seed=7)
+  rng = np.random.default_rng(8)
+  x = x * 3.0 + 1.5  # Statistics away from (0, 1), so a kernel that skipped the normalisation would fail.
+  delta = jnp.asarray(rng.standard_normal((rows, k)), dtype) if with_delta else None
+  ln_scale = jnp.asarray(1.0 + 0.3 * rng.standard_normal(k), jnp.float32)
+  ln_bias = jnp.asarray(0.2 * rng.standard_normal(k), jnp.float32)
+  h, xh, mean, rstd = pallas_lora.norm_down(x, delta, ln_scale, ln_bias, jnp.stack(a), rates, seeds, scales,
+                                            eps=1e-5, interpret=True)
+  h0, y0, mean0, rstd0 = pallas_norm.forward(x, delta, ln_scale, ln_bias, eps=1e-5, interpret=True)
+  xh0 = pallas_lora.down(y0, jnp.stack(a), rates, seeds, scales, interpret=True)
+  assert (h is None) == (not with_delta) and xh.shape == (rows, k + n * r) and xh.dtype == dtype
+  if with_delta:
+    np.testing.assert_array_equal(np.asarray(h, np.float32), np.asarray(h0, np.float32))
+  _close(xh[:, :k], y0, tol)
+  _close(xh, xh0, tol)
+  _close(mean, mean0, 1e-5)
+  _close(rstd, rstd0, 1e-5)
+  assert float(jnp.std(xh[:, :k].astype(jnp.float32))) > 0.5  # y itself, not zeros.
+
+  stream = x if h is None else h
+  dxhs = tuple(jnp.asarray(rng.standard_normal((rows, k + r)), dtype) for _ in range(n))
+  dstream = jnp.asarray(rng.standard_normal((rows, k)), dtype)
+  dx = pallas_lora.norm_up_grad(dxhs, jnp.stack(a), rates, seeds, scales, stream, dstream, mean, rstd, ln_scale,
+                                k=k, interpret=True)
+  if n > 1:
+    dy = pallas_lora.up_grad(dxhs, jnp.stack(a), rates, seeds, scales, k=k, interpret=True)
+  else:
+    dy = dxhs[0][:, :k] + lora._apply_dropout(jnp.dot(dxhs[0][:, k:] * scales[0].astype(dtype), a[0].T),
+                                              rates[0], seeds[0])
+  want = pallas_norm.backward(stream, dy, dstream, mean0, rstd0, ln_scale, interpret=True)
+  assert dx.dtype == dtype
+  _close(dx, want, tol)
+
+
+def test_transformer_block_fuses_its_norms_with_the_adapters(monkeypatch):
+  """The UNet's transformer block in training (LoRA with dropout), kernels interpreted: norm1 with self-attention's
+  q/k/v adapters and norm2 with cross-attention's q adapter run as `normed_adapted_matmuls`, norm3 alone; output,
+  loss gradients of the adapters and of the input equal the unfused kernels' (`lora.FUSE_NORM` off)."""
+  import collections
+  from idmp_jax.models import layers, unet
+  from tests.conftest import pallas_calls
+  block = unet.BasicTransformerBlock(dim=128, heads=2, upcast=False, attention_impl="xla", dtype=jnp.float32)
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.standard_normal((2, 64, 128)) * 2.0 + 0.5, jnp.float32)
+  context = jnp.asarray(rng.standard_normal((2, 8, 64)), jnp.float32)
+  params = block.init(jax.random.key(0), x, context)["params"]
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.standard_normal(p.shape), p.dtype), params)
+  params = lora.init_lora(params, jax.random.key(1), rank=16, alpha=16, dropout=0.1)
+  params = jax.tree.map(lambda p: p, params)
+  adapters, frozen = lora.split(params)
+  adapters = jax.tree.map(lambda p: p + 0.05 * jnp.asarray(rng.standard_normal(p.shape), p.dtype), adapters)
+
+  def loss(adapters, x):
+    out = block.apply({"params": lora.merge(adapters, frozen)}, x, context,
+                      rngs={lora.DROPOUT_RNG: jax.random.key(2)})
+    return jnp.sum(jnp.sin(out))
+
+  monkeypatch.setattr(lora, "KERNELS", "interpret")
+  monkeypatch.setattr(layers, "NORM_KERNELS", "interpret")
+  results = {}
+  for fuse in (False, True):
+    monkeypatch.setattr(lora, "FUSE_NORM", fuse)
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    results[fuse] = grad(adapters, x)
+    calls = collections.Counter(name for name, _ in pallas_calls(grad, adapters, x))
+    fused = {"layer_norm_lora_down": 2, "layer_norm_lora_up_grad": 2} if fuse else {}
+    assert {n: calls[n] for n in fused} == fused
+    assert calls["layer_norm_forward"] == (1 if fuse else 3) and calls["layer_norm_backward"] == (1 if fuse else 3)
+  for got, want in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+  grads = results[True][1][0]
+  assert float(jnp.abs(grads["attn1"]["to_q"]["lora_a"]).max()) > 0  # The fused path's dA reaches the adapters.

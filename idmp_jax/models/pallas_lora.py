@@ -262,3 +262,183 @@ def up_grad(dxhs, a, rates, seeds, scales, *, k: int, interpret: bool = False, n
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret, name="lora_up_grad",
   )(*dxhs, a.astype(dtype), *_scalars(rates, seeds, scales))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The transformer block's LayerNorm fused with the adapters that read its output (self-attention's q/k/v after
+# norm1, cross-attention's q after norm2): `norm_down` writes the stream h = x + delta, [y | h_1 | ... | h_n] for
+# y = LayerNorm(h) and the row statistics in one pass, where `pallas_norm.forward` wrote y and `down` read it back;
+# `norm_up_grad` takes the adapters' dx and the LayerNorm's backward in one pass, where `up_grad` (or XLA, for one
+# adapter) wrote the LayerNorm's output cotangent and `pallas_norm.backward` read it back. At the 64x64 level of the
+# SD-2 UNet at b32 each fusion drops a 84 MB write and read. A program holds NORM_BLOCK_ROWS whole rows (the
+# tensor-core dot wants 16 rows at the least) in registers, each half-row [0, K/2), [K/2, K) (the dropout mask's
+# pairs) as power-of-two pieces (160 = 128 + 32): no padded lanes, whose hashing and dot work cost the kernels more
+# than they saved (a first version padding each half to 256 lanes ran the 64x64 q/k/v forward at 323 us against 235
+# for the two unfused kernels, H200).
+NORM_BLOCK_ROWS = 16
+NORM_MAX_K = 2048
+
+
+def norm_supported(rows: int, k: int, r: int, n: int = 1, block_rows: int = NORM_BLOCK_ROWS) -> bool:
+  return supported(rows, k, r, n) and rows % block_rows == 0 and k <= NORM_MAX_K
+
+
+def _norm_warps(k: int, block_rows: int) -> int:
+  # ~40 elements of the program's rows per thread: 4 warps at K = 320 (16 x 320), 8 from K = 640.
+  return max(4, min(8, block_rows * k // 1280))
+
+
+def _row_pieces(k: int):
+  """(first column, its column within the half, width, upper half) of each power-of-two piece of a row: each half
+  [0, K/2), [K/2, K) split by the binary digits of K/2, largest first."""
+  half = k // 2
+  widths = [1 << b for b in reversed(range(half.bit_length())) if half >> b & 1]
+  offsets = [sum(widths[:j]) for j in range(len(widths))]
+  return [(start + off, off, w, start > 0) for start in (0, half) for off, w in zip(offsets, widths)]
+
+
+def _rows(bm: int):
+  return pl.program_id(0) * bm + jnp.arange(bm)
+
+
+def _piece(rows, c0: int, w: int):
+  return rows[:, None], (c0 + jnp.arange(w))[None, :]
+
+
+def _piece_bits(rows, half: int, off: int, w: int, upper: bool, seed):
+  """The dropout mask's 16 bits for a piece: hash(row * K/2 + column within the half), low half for [0, K/2)."""
+  pairs = rows[:, None].astype(jnp.uint32) * jnp.uint32(half) + (off + jnp.arange(w))[None, :].astype(jnp.uint32)
+  return lora.keep_bits(pairs, seed)[1 if upper else 0]
+
+
+def _adapter_piece(a_ref, i: int, k: int, c0: int, w: int):
+  """(w, r) rows [c0, c0 + w) of adapter i's A (a_ref: (n K, r))."""
+  return plgpu.load(a_ref.at[(i * k + c0 + jnp.arange(w))[:, None], jnp.arange(a_ref.shape[-1])[None, :]])
+
+
+def _vector_piece(ref, c0: int, w: int):
+  return plgpu.load(ref.at[c0 + jnp.arange(w)]).astype(jnp.float32)
+
+
+def _norm_down_kernel(*refs, k: int, n: int, bm: int, eps: float, has_delta: bool):
+  # Inputs: x (rows, K)[, delta (rows, K)], LayerNorm scale and bias (K,), a (n K, r), the four per-adapter scalar
+  # refs (n,). Outputs: [h (rows, K),] xh (rows, K + n r), mean and rstd (rows,).
+  x_ref, refs = refs[0], refs[1:]
+  d_ref, refs = (refs[0], refs[1:]) if has_delta else (None, refs)
+  ln_scale_ref, ln_bias_ref, a_ref, seed_ref, cut_ref, factor_ref, scale_ref, *outs = refs
+  h_ref, xh_ref, mean_ref, rstd_ref = outs if has_delta else (None, *outs)
+  r, dtype = a_ref.shape[-1], xh_ref.dtype
+  rows, pieces = _rows(bm), _row_pieces(k)
+  hs = [plgpu.load(x_ref.at[_piece(rows, c0, w)]) for c0, _, w, _ in pieces]
+  if has_delta:  # Rounded to the stream's dtype, as the add in XLA: the statistics are of the stored h.
+    hs = [(v.astype(jnp.float32) + plgpu.load(d_ref.at[_piece(rows, c0, w)]).astype(jnp.float32)).astype(v.dtype)
+          for v, (c0, _, w, _) in zip(hs, pieces)]
+    for v, (c0, _, w, _) in zip(hs, pieces):
+      plgpu.store(h_ref.at[_piece(rows, c0, w)], v)
+  hf = [v.astype(jnp.float32) for v in hs]
+  mean = sum(jnp.sum(v, axis=1) for v in hf) / k
+  devs = [v - mean[:, None] for v in hf]
+  rstd = jax.lax.rsqrt(sum(jnp.sum(d * d, axis=1) for d in devs) / k + eps)
+  ys = []
+  for dev, (c0, _, w, _) in zip(devs, pieces):
+    y = (dev * rstd[:, None] * _vector_piece(ln_scale_ref, c0, w)[None, :]
+         + _vector_piece(ln_bias_ref, c0, w)[None, :]).astype(dtype)
+    plgpu.store(xh_ref.at[_piece(rows, c0, w)], y)
+    ys.append(y)
+  for i in range(n):  # h_i = scale_i * dropout_i(y) A_i, rounded as `down` rounds it.
+    factor = factor_ref[i].astype(dtype)
+    acc = None
+    for y, (c0, off, w, upper) in zip(ys, pieces):
+      bits = _piece_bits(rows, k // 2, off, w, upper, seed_ref[i])
+      term = _dot(_masked(y, bits, cut_ref[i], factor), _adapter_piece(a_ref, i, k, c0, w))
+      acc = term if acc is None else acc + term
+    plgpu.store(xh_ref.at[_piece(rows, k + i * r, r)], acc.astype(dtype) * scale_ref[i].astype(dtype))
+  plgpu.store(mean_ref.at[rows], mean)
+  plgpu.store(rstd_ref.at[rows], rstd)
+
+
+def _norm_up_grad_kernel(*refs, k: int, n: int, bm: int):
+  # Inputs: n dxh_i (rows, K + r) = [dy_i W_i^T | dy_i B_i^T]; a (n K, r); the four scalar refs (n,); h (rows, K), the
+  # LayerNorm's input; dstream (rows, K), h's cotangent from the stream's later uses; mean, rstd (rows,); the
+  # LayerNorm's scale (K,). Output: dx (rows, K) = dstream + LN'(h)^T dy, dy = sum_i dx_i + dropout_i(dh_i A_i^T).
+  dxh_refs, (a_ref, seed_ref, cut_ref, factor_ref, scale_ref, h_ref, dstream_ref, mean_ref, rstd_ref,
+             ln_scale_ref, dx_ref) = refs[:n], refs[n:]
+  r, dtype = a_ref.shape[-1], dx_ref.dtype
+  rows, pieces = _rows(bm), _row_pieces(k)
+  dys = [None] * len(pieces)
+  for i in range(n):  # In `up_grad`'s order and dtype: the layer's dx, plus its adapter's masked dh A^T.
+    dh = plgpu.load(dxh_refs[i].at[_piece(rows, k, r)]) * scale_ref[i].astype(dtype)
+    factor = factor_ref[i].astype(dtype)
+    for j, (c0, off, w, upper) in enumerate(pieces):
+      back = _dot(dh, _adapter_piece(a_ref, i, k, c0, w), trans_b=True).astype(dtype)
+      bits = _piece_bits(rows, k // 2, off, w, upper, seed_ref[i])
+      d = plgpu.load(dxh_refs[i].at[_piece(rows, c0, w)]) + _masked(back, bits, cut_ref[i], factor)
+      dys[j] = d if dys[j] is None else dys[j] + d
+  mean = plgpu.load(mean_ref.at[rows])
+  rstd = plgpu.load(rstd_ref.at[rows])
+  xhats, gs = [], []
+  for dy, (c0, _, w, _) in zip(dys, pieces):  # `pallas_norm`'s backward, piece by piece.
+    h = plgpu.load(h_ref.at[_piece(rows, c0, w)]).astype(jnp.float32)
+    xhats.append((h - mean[:, None]) * rstd[:, None])
+    gs.append(dy.astype(jnp.float32) * _vector_piece(ln_scale_ref, c0, w)[None, :])
+  m1 = sum(jnp.sum(g, axis=1) for g in gs) / k
+  m2 = sum(jnp.sum(g * xhat, axis=1) for g, xhat in zip(gs, xhats)) / k
+  for g, xhat, (c0, _, w, _) in zip(gs, xhats, pieces):
+    dx = rstd[:, None] * (g - m1[:, None] - xhat * m2[:, None])
+    dx = dx + plgpu.load(dstream_ref.at[_piece(rows, c0, w)]).astype(jnp.float32)
+    plgpu.store(dx_ref.at[_piece(rows, c0, w)], dx.astype(dtype))
+
+
+def _norm_check(rows: int, k: int, a_shape, what: str, block_rows: int):
+  if len(a_shape) != 3 or a_shape[1] != k or not norm_supported(rows, k, a_shape[2], a_shape[0], block_rows):
+    raise ValueError(f"LayerNorm + LoRA {what} kernel: input ({rows}, {k}), A {tuple(a_shape)} (n, K, r) outside "
+                     "what the kernels take (pallas_lora.norm_supported)")
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret", "block_rows", "num_warps"))
+def norm_down(x, delta, ln_scale, ln_bias, a, rates, seeds, scales, *, eps: float, interpret: bool = False,
+              block_rows: int = NORM_BLOCK_ROWS, num_warps: int | None = None):
+  """(h, xh, mean, rstd) for the stream x (rows, K) and delta (rows, K) or None: h = x + delta in x's dtype (None
+  when delta is None), y = LayerNorm(h) (`pallas_norm.forward`'s math: fp32 statistics, y in x's dtype), xh = [y |
+  h_1 | ... | h_n] as `down` makes it from y, mean and rstd (rows,) fp32."""
+  if x.ndim != 2 or (delta is not None and delta.shape != x.shape):
+    raise ValueError(f"LayerNorm + LoRA forward kernel: input {x.shape}, delta "
+                     f"{None if delta is None else delta.shape}: expected (rows, K) and the same")
+  rows, k = x.shape
+  _norm_check(rows, k, a.shape, "forward", block_rows)
+  n, _, r = a.shape
+  has_delta = delta is not None
+  stats = jax.ShapeDtypeStruct((rows,), jnp.float32)
+  out_shape = ([jax.ShapeDtypeStruct(x.shape, x.dtype)] if has_delta else []) + [
+      jax.ShapeDtypeStruct((rows, k + n * r), x.dtype), stats, stats]
+  outs = pl.pallas_call(
+      functools.partial(_norm_down_kernel, k=k, n=n, bm=block_rows, eps=eps, has_delta=has_delta),
+      grid=(rows // block_rows,), out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps or _norm_warps(k, block_rows), num_stages=1),
+      interpret=interpret, name="layer_norm_lora_down",
+  )(x, *([delta.astype(x.dtype)] if has_delta else []), ln_scale, ln_bias, a.astype(x.dtype).reshape(n * k, r),
+    *_scalars(rates, seeds, scales))
+  return tuple(outs) if has_delta else (None, *outs)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "interpret", "block_rows", "num_warps"))
+def norm_up_grad(dxhs, a, rates, seeds, scales, h, dstream, mean, rstd, ln_scale, *, k: int,
+                 interpret: bool = False, block_rows: int = NORM_BLOCK_ROWS, num_warps: int | None = None):
+  """dx of the LayerNorm's input h (rows, K) whose output fed the n adapted layers that `norm_down` served: dstream
+  (h's cotangent from its other uses) + LN'(h)^T dy for dy = sum_i dxh_i[:, :K] + dropout_i(scales[i] dxh_i[:, K:]
+  a[i]^T) (`up_grad`'s dx, rounded as it rounds it), in h's dtype."""
+  n, _, r = a.shape
+  if len(dxhs) != n or len({tuple(d.shape) for d in dxhs}) != 1 or dxhs[0].shape != (h.shape[0], k + r) \
+      or h.shape[1] != k or dstream.shape != h.shape:
+    raise ValueError(f"LayerNorm + LoRA backward kernel: cotangents {[tuple(d.shape) for d in dxhs]}, h {h.shape}, "
+                     f"dstream {dstream.shape} do not fit A {a.shape} (n arrays of (rows, K + r), K = {k})")
+  rows = h.shape[0]
+  _norm_check(rows, k, a.shape, "backward", block_rows)
+  dtype = h.dtype
+  return pl.pallas_call(
+      functools.partial(_norm_up_grad_kernel, k=k, n=n, bm=block_rows),
+      grid=(rows // block_rows,), out_shape=jax.ShapeDtypeStruct(h.shape, dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps or _norm_warps(k, block_rows), num_stages=1),
+      interpret=interpret, name="layer_norm_lora_up_grad",
+  )(*(d.astype(dtype) for d in dxhs), a.astype(dtype).reshape(n * k, r), *_scalars(rates, seeds, scales), h,
+    dstream.astype(dtype), mean, rstd, ln_scale)
