@@ -33,8 +33,6 @@
 #       alone against XLA (norm_kernels_probe.py), then train_step.py --ab AB (default norm)
 #   bash benchmarks/device_runs.sh pairs NAME...  # on the GPU machine (carry .whl): train_step.py --ab NAME for each
 #       NAME, ~3 min each
-#   bash benchmarks/device_runs.sh normlora    # on the GPU machine (carry .whl): the LayerNorm fused with the LoRA
-#       adapters' kernels, alone (norm_lora_probe.py) and in the b32 step, paired (--ab normlora)
 #   bash benchmarks/device_runs.sh geglu       # on the GPU machine (carry .whl): the feed-forward's GEGLU kernels alone
 #       against XLA (geglu_probe.py)
 #   bash benchmarks/device_runs.sh long        # on the GPU machine (carry .whl): the b16 and b32 step, 30-step chains
@@ -199,13 +197,6 @@ case "$step" in
     boxed 230 norm_kernels python3 -X faulthandler benchmarks/norm_kernels_probe.py --levels 3
     boxed 330 "train_step_ab_${2:-norm}" python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
       --ab "${2:-norm}" --rounds 8 ;;
-  normlora)  # ~6 min: the LayerNorm fused with the adapters' kernels alone against the unfused kernels
-    # (norm_lora_probe.py), then the b32 step paired, fused against unfused (train_step.py --ab normlora)
-    wheels || exit 1
-    boxed 200 norm_lora_kernels python3 -X faulthandler benchmarks/norm_lora_probe.py
-    export XLA_FLAGS=--xla_gpu_autotune_level=2
-    boxed 300 train_step_ab_normlora python3 -X faulthandler benchmarks/train_step.py --kind unet --batch 32 \
-      --ab normlora --rounds 8 ;;
   geglu)  # ~3 min: the feed-forward's Hopper GEGLU kernel (benchmarks/geglu_kernels.py) against XLA (its tilings,
     # chained pipelines or not, 3 levels; the Triton kernels, measured 2026-12-03, left out)
     wheels || exit 1

@@ -300,11 +300,6 @@ def _norm_tiling(tile, warps):
   pallas_norm.TILE, pallas_norm.WARPS = tile, warps
 
 
-def _fuse_norm(on):
-  from idmp_jax.models import lora
-  lora.FUSE_NORM = on
-
-
 def _none():
   pass
 
@@ -322,8 +317,6 @@ AB_VARIANTS = {
     "layout": {"layout_auto": (None, _none, "auto"), "layout_default": (None, _none, "default")},
     "tile": {"norm_1024_1": (None, lambda: _norm_tiling(1024, 1), None),
              "norm_4096_4": (None, lambda: _norm_tiling(4096, 4), None)},
-    "normlora": {"norm_lora_fused": (None, lambda: _fuse_norm(True), None),
-                 "norm_lora_unfused": (None, lambda: _fuse_norm(False), None)},
 }
 
 

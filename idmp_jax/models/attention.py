@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from idmp_jax.models import lora, quantize
-from idmp_jax.models.layers import Linear, Normed, resize_nearest_torch
+from idmp_jax.models.layers import Linear, resize_nearest_torch
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "pallas")
 
@@ -217,23 +217,15 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, context=None, mask=None):
-    """Attention of x's queries over context's keys (x's when None). x may be a `layers.Normed` (the transformer
-    block's residual stream with the LayerNorm that feeds this attention): then returns (the stream h, output), and
-    on the GPU the norm runs fused with the query side's LoRA adapters (`lora.normed_adapted_matmuls`)."""
-    normed = isinstance(x, Normed)
+    context = x if context is None else context
     inner = self.heads * self.dim_head
-    linear = lambda name: Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name=name)
-    # The layers reading x. Their adapters run as one `adapted_matmuls` call here (self-attention's three share one
-    # operand), so their dropout masks are drawn in this module's scope whether or not the norm is fused.
-    query_side = ("to_q", "to_k", "to_v") if context is None else ("to_q",)
-    if normed and lora.fuses_norm(self, query_side, x):
-      stream, projected = lora.normed_adapted_matmuls(self, query_side, x)
+    b = x.shape[0]
+    if context is x and lora.shares_input(self, ("to_q", "to_k", "to_v")):
+      q, k, v = lora.adapted_matmuls(self, ("to_q", "to_k", "to_v"), x)  # Self-attention: adapters on one x.
     else:
-      stream, x = x.apply() if normed else (None, x)
-      projected = (lora.adapted_matmuls(self, query_side, x) if lora.shares_input(self, query_side)
-                   else tuple(linear(name)(x) for name in query_side))
-    q, k, v = projected if context is None else (projected[0], linear("to_k")(context), linear("to_v")(context))
-    b = q.shape[0]
+      q = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_q")(x)
+      k = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_k")(context)
+      v = Linear(inner, use_bias=self.qkv_bias, dtype=self.dtype, name="to_v")(context)
     q = q.reshape(b, -1, self.heads, self.dim_head)
     k = k.reshape(b, -1, self.heads, self.dim_head)
     v = v.reshape(b, -1, self.heads, self.dim_head)
@@ -243,6 +235,4 @@ class Attention(nn.Module):
       v = v.astype(jnp.float32)
     out = dot_product_attention(q, k, v, mask=mask, implementation=impl).astype(self.dtype)
     out = out.reshape(b, -1, inner)
-    width = (stream if normed else x).shape[-1]
-    out = Linear(self.out_dim or width, dtype=self.dtype, name="to_out_0")(out)
-    return (stream, out) if normed else out
+    return Linear(self.out_dim or x.shape[-1], dtype=self.dtype, name="to_out_0")(out)

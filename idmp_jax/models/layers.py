@@ -6,7 +6,6 @@ PyTorch counterpart converts by rename alone.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Sequence
@@ -174,8 +173,7 @@ normalize.defvjp(_normalize_fwd, _normalize_bwd)
 NORM_KERNELS = "auto"
 
 
-def norm_kernels(rows: int, c: int) -> bool:
-  """Whether `residual_layer_norm` on (rows, c) runs `pallas_norm`'s kernels (`NORM_KERNELS`)."""
+def _norm_kernels(rows: int, c: int) -> bool:
   if NORM_KERNELS == "xla":
     return False
   if NORM_KERNELS not in ("auto", "interpret"):
@@ -197,7 +195,7 @@ def residual_layer_norm(x, delta, scale, bias, eps: float):
   shape, c = x.shape, x.shape[-1]
   if delta is not None and delta.shape != shape:
     raise ValueError(f"residual_layer_norm: delta {delta.shape} is not the stream's shape {shape}")
-  if norm_kernels(math.prod(shape[:-1]), c):
+  if _norm_kernels(math.prod(shape[:-1]), c):
     return _residual_layer_norm_kernels(x, delta, scale, bias, eps)
   h = x if delta is None else x + delta.astype(x.dtype)
   return h, normalize(h, scale, bias, (x.ndim - 1,), eps, False, x.dtype)
@@ -228,15 +226,10 @@ def _residual_layer_norm_bwd(eps, res, cotangents):
   rows = math.prod(shape[:-1])
   dx = pallas_norm.backward(h.reshape(rows, c), dy.reshape(rows, c), dh.reshape(rows, c), mean, rstd, scale,
                             interpret=NORM_KERNELS == "interpret", **pallas_norm.tuning()).reshape(shape)
-  dscale, dbias = layer_norm_affine_grads(h, dy, scale, bias, mean, rstd, eps)
+  # The affine parameters' gradients as XLA expressions: dead (and dropped) when they are frozen.
+  stats = (mean.reshape(*shape[:-1], 1), rstd.reshape(*shape[:-1], 1))
+  _, dscale, dbias = _normalize_bwd((h.ndim - 1,), eps, False, h.dtype, (h, scale, bias, *stats), dy)
   return dx, (None if had_delta is None else dx), dscale, dbias
-
-
-def layer_norm_affine_grads(h, dy, scale, bias, mean, rstd, eps: float):
-  """(dscale, dbias) of a LayerNorm over h's last axis with (mean, rstd) of h's rows, for its output cotangent dy:
-  XLA expressions beside a kernel's dx, dead (and dropped) when the affine parameters are frozen."""
-  stats = (mean.reshape(*h.shape[:-1], 1), rstd.reshape(*h.shape[:-1], 1))
-  return _normalize_bwd((h.ndim - 1,), eps, False, h.dtype, (h, scale, bias, *stats), dy)[1:]
 
 
 _residual_layer_norm_kernels.defvjp(_residual_layer_norm_fwd, _residual_layer_norm_bwd)
@@ -307,22 +300,6 @@ class GroupNorm(nn.Module):
     return y.reshape(shape)
 
 
-@dataclasses.dataclass(frozen=True)
-class Normed:
-  """An input given as the LayerNorm of a residual stream, not yet applied: y = LayerNorm(h) for h = x + delta (x
-  when delta is None), in x's dtype. A module that can fuse the norm into what reads y takes this (the UNet's
-  attention: `lora.normed_adapted_matmuls`); any other calls `apply`. Made by `LayerNorm.deferred`."""
-  x: Any
-  delta: Any
-  scale: Any
-  bias: Any
-  eps: float
-
-  def apply(self):
-    """(h, y), as `residual_layer_norm`."""
-    return residual_layer_norm(self.x, self.delta, self.scale, self.bias, self.eps)
-
-
 class LayerNorm(nn.Module):
   """torch.nn.LayerNorm over the last axis; statistics in fp32."""
   epsilon: float = 1e-5
@@ -331,30 +308,20 @@ class LayerNorm(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
+  @nn.compact
   def __call__(self, x, delta=None, *, residual: bool = False):
     """LayerNorm(x); with `residual`, (h, LayerNorm(h)) for the stream h = x + delta (x when delta is None), as
     `residual_layer_norm` (its backward adds h's cotangent into x's gradient in the same pass), in x's dtype."""
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype) if self.use_scale else None
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype) if self.use_bias else None
     if not residual:
       if delta is not None:
         raise ValueError("LayerNorm: delta is only taken with residual=True")
-      scale, bias = self._affine(x.shape[-1], fill=False)
       return normalize(x, scale, bias, (x.ndim - 1,), self.epsilon, False, self.dtype)
-    return self.deferred(x, delta).apply()
-
-  def deferred(self, x, delta=None) -> Normed:
-    """The residual form (h, LayerNorm(h)) as a `Normed`, for the module that reads LayerNorm(h) to apply."""
-    return Normed(x.astype(self.dtype), None if delta is None else delta.astype(self.dtype),
-                  *self._affine(x.shape[-1], fill=True), self.epsilon)
-
-  @nn.compact
-  def _affine(self, c: int, fill: bool):
-    """(scale, bias), each None when unused, or (fill) ones / zeros."""
-    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype) if self.use_scale else None
-    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype) if self.use_bias else None
-    if fill:
-      scale = jnp.ones((c,), self.param_dtype) if scale is None else scale
-      bias = jnp.zeros((c,), self.param_dtype) if bias is None else bias
-    return scale, bias
+    return residual_layer_norm(x.astype(self.dtype), None if delta is None else delta.astype(self.dtype),
+                               jnp.ones((c,), self.param_dtype) if scale is None else scale,
+                               jnp.zeros((c,), self.param_dtype) if bias is None else bias, self.epsilon)
 
 
 def upsample_nearest_2x(x):

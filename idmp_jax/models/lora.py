@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 from typing import Callable, Iterable, Sequence
 
@@ -199,138 +198,52 @@ def _lora_matmuls_fwd(x, kernels, a, b, scale, rate, seed, dropout):
   return ys, (xh, kernels, a, b, scale, rate, seed)
 
 
-def _adapter_cotangents(xh, kernels, b, scale, dys):
-  """Per adapted layer i on the operand xh = [x | h_1 | ... | h_n]: dxh_i = dy_i [W_i; B_i]^T ([dx_i | dh_i / scale_i]
-  from one GEMM), dh_i, dW_i (dead when the kernel is frozen: XLA drops it) and dB_i."""
-  k = kernels[0].shape[0]
-  x = xh[:, :k]
-  dxhs, dhs, dkernels, db, offset = [], [], [], [], k
-  for i, dy in enumerate(dys):
-    r = b[i].shape[0]
-    dxh = jnp.dot(dy, jnp.concatenate([kernels[i], b[i]], axis=0).T)
-    dxhs.append(dxh)
-    dhs.append(dxh[:, k:] * scale[i].astype(dy.dtype))
-    db.append(jnp.dot(xh[:, offset:offset + r].T, dy, preferred_element_type=jnp.float32).astype(b[i].dtype))
-    dkernels.append(jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(kernels[i].dtype))
-    offset += r
-  return dxhs, dhs, dkernels, db
-
-
-def _input_cotangent(dxhs, dhs, a, rate, seed, dropout: bool, k: int):
-  """sum_i dx_i + dropout_i(dh_i A_i^T): x's cotangent, in XLA (dropout is linear in its input: the same mask and
-  rescaling as the forward's)."""
-  dx = None
-  for i, (dxh, dh) in enumerate(zip(dxhs, dhs)):
-    dxd = jnp.dot(dh, a[i].T)
-    if dropout:
-      dxd = _apply_dropout(dxd, rate[i], seed[i])
-    dx_i = dxh[:, :k] + dxd
-    dx = dx_i if dx is None else dx + dx_i
-  return dx
-
-
 def _lora_matmuls_bwd(dropout, res, dys):
   xh, kernels, a, b, scale, rate, seed = res
   k = kernels[0].shape[0]
   x = xh[:, :k]
-  dxhs, dhs, dkernels, db = _adapter_cotangents(xh, kernels, b, scale, dys)
   # dA by the kernel only where the forward ran it: elsewhere XLA's forward has dropout(x) (its rank-16 GEMM's
   # operand), and XLA keeps it for dA (CSE of the same mask expression), cheaper than making the mask again.
-  if _use_kernels(x.shape, a, dropout):
+  kernel_da = _use_kernels(x.shape, a, dropout)
+  kernel_dx = False
+  if kernel_da:
     from idmp_jax.models import pallas_lora
+    kernel_dx = len(a) >= pallas_lora.UP_GRAD_MIN_ADAPTERS  # dx too, for adapters sharing x (q/k/v).
+  dx, dkernels, da, db, dhs, dxhs, offset = None, [], [], [], [], [], k
+  for i, dy in enumerate(dys):
+    r = a[i].shape[1]
+    dxh = jnp.dot(dy, jnp.concatenate([kernels[i], b[i]], axis=0).T)  # [dx_i | dh_i] from one GEMM.
+    dxhs.append(dxh)
+    h = xh[:, offset:offset + r]
+    dh = dxh[:, k:] * scale[i].astype(dy.dtype)
+    dhs.append(dh)
+    db.append(jnp.dot(h.T, dy, preferred_element_type=jnp.float32).astype(b[i].dtype))
+    # Dead when the kernel is frozen (XLA drops it).
+    dkernels.append(jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(kernels[i].dtype))
+    offset += r
+    if not kernel_da:
+      xd = _apply_dropout(x, rate[i], seed[i]) if dropout else x
+      da.append(jnp.dot(xd.T, dh, preferred_element_type=jnp.float32).astype(a[i].dtype))
+    if kernel_dx:
+      continue
+    dxd = jnp.dot(dh, a[i].T)
+    if dropout:
+      dxd = _apply_dropout(dxd, rate[i], seed[i])  # The same mask and rescaling: dropout is linear in its input.
+    dx_i = dxh[:, :k] + dxd
+    dx = dx_i if dx is None else dx + dx_i
+  if kernel_da:
     interpret = KERNELS == "interpret"
     da = pallas_lora.down_grad(xh, jnp.stack(dhs), rate, seed, k=k, interpret=interpret)
     da = [da[i].astype(a[i].dtype) for i in range(len(a))]
-    if len(a) >= pallas_lora.UP_GRAD_MIN_ADAPTERS:  # dx too, for adapters sharing x (q/k/v).
+    if kernel_dx:
       dx = pallas_lora.up_grad(tuple(dxhs), jnp.stack(a), rate, seed, scale, k=k, interpret=interpret)
-    else:
-      dx = _input_cotangent(dxhs, dhs, a, rate, seed, dropout, k)
-  else:
-    da = [jnp.dot((_apply_dropout(x, rate[i], seed[i]) if dropout else x).T, dhs[i],
-                  preferred_element_type=jnp.float32).astype(a[i].dtype) for i in range(len(a))]
-    dx = _input_cotangent(dxhs, dhs, a, rate, seed, dropout, k)
-  return (dx, tuple(dkernels), tuple(da), tuple(db), _zeros(scale), _zeros(rate), _float0(seed))
-
-
-def _zeros(t):
-  return tuple(jnp.zeros_like(v) for v in t)
-
-
-def _float0(seeds):
-  return tuple(np.zeros(s.shape, jax.dtypes.float0) for s in seeds)
+  dkernels, da, db = tuple(dkernels), tuple(da), tuple(db)
+  zeros = lambda t: tuple(jnp.zeros_like(v) for v in t)
+  return (dx, dkernels, da, db, zeros(scale), zeros(rate),
+          tuple(np.zeros(s.shape, jax.dtypes.float0) for s in seed))
 
 
 _lora_matmuls.defvjp(_lora_matmuls_fwd, _lora_matmuls_bwd)
-
-
-# Whether a transformer block's LayerNorm and the adapted layers reading its output run as one op on the GPU
-# (`normed_adapted_matmuls`), where both kernel families run. A switch for paired measurements; read when traced.
-FUSE_NORM = True
-
-
-def fuses_norm(module, names: Sequence[str], normed) -> bool:
-  """Whether `normed_adapted_matmuls` runs `module`'s child Linears `names` on the `layers.Normed` input: the layers
-  share it (`shares_input`), dropout is on, and both `pallas_lora`'s and `pallas_norm`'s kernels take the shapes."""
-  from idmp_jax.models import layers, pallas_lora
-  if not FUSE_NORM or not shares_input(module, names) or not module.has_rng(DROPOUT_RNG):
-    return False
-  params = module.variables["params"]
-  a = [params[name]["lora_a"] for name in names]
-  rows, k = math.prod(normed.x.shape[:-1]), normed.x.shape[-1]
-  return (_use_kernels((rows, k), a, True) and layers.norm_kernels(rows, k)
-          and pallas_lora.norm_supported(rows, k, a[0].shape[1], len(a)))
-
-
-def normed_adapted_matmuls(module, names: Sequence[str], normed) -> tuple:
-  """(h, outputs): `adapted_matmuls` of `module`'s child Linears `names` on y = LayerNorm(h) for the stream h of the
-  `layers.Normed` input (see `fuses_norm`), as one op: the LayerNorm and the adapters' input side in one kernel
-  (y is never written alone), and in the backward the adapters' dx and the LayerNorm's backward in one kernel."""
-  params = module.variables["params"]
-  adapters = [_adapter(module, params[name]) for name in names]
-  kernels = tuple(params[name]["kernel"].astype(module.dtype) for name in names)
-  a, b, scale, rate, seed, _ = zip(*adapters)
-  shape = normed.x.shape
-  flat = lambda v: None if v is None else v.reshape(-1, shape[-1]).astype(module.dtype)
-  h, ys = _normed_lora_matmuls(flat(normed.x), flat(normed.delta), normed.scale, normed.bias, kernels, a, b, scale,
-                               rate, seed, normed.eps)
-  return h.reshape(shape), tuple(y.reshape(*shape[:-1], y.shape[-1]) for y in ys)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
-def _normed_lora_matmuls(x, delta, ln_scale, ln_bias, kernels, a, b, scale, rate, seed, eps: float):
-  return _normed_lora_matmuls_fwd(x, delta, ln_scale, ln_bias, kernels, a, b, scale, rate, seed, eps)[0]
-
-
-def _normed_lora_matmuls_fwd(x, delta, ln_scale, ln_bias, kernels, a, b, scale, rate, seed, eps):
-  from idmp_jax.models import pallas_lora
-  h, xh, mean, rstd = pallas_lora.norm_down(x, delta, ln_scale, ln_bias, jnp.stack(a), rate, seed, scale, eps=eps,
-                                            interpret=KERNELS == "interpret")
-  h = x if h is None else h
-  ys = tuple(jnp.dot(xh, _extended_kernel(kernels, b, i)) for i in range(len(kernels)))
-  # The last residual says, by its pytree structure alone, whether there was a delta to give a gradient.
-  return (h, ys), (h, ln_scale, ln_bias, mean, rstd, xh, kernels, a, b, scale, rate, seed,
-                   None if delta is None else ())
-
-
-def _normed_lora_matmuls_bwd(eps, res, cotangents):
-  from idmp_jax.models import layers, pallas_lora
-  h, ln_scale, ln_bias, mean, rstd, xh, kernels, a, b, scale, rate, seed, had_delta = res
-  dstream, dys = cotangents
-  k = kernels[0].shape[0]
-  interpret = KERNELS == "interpret"
-  dxhs, dhs, dkernels, db = _adapter_cotangents(xh, kernels, b, scale, dys)
-  da = pallas_lora.down_grad(xh, jnp.stack(dhs), rate, seed, k=k, interpret=interpret)
-  dx = pallas_lora.norm_up_grad(tuple(dxhs), jnp.stack(a), rate, seed, scale, h, dstream, mean, rstd, ln_scale, k=k,
-                                interpret=interpret)
-  # The LayerNorm's affine gradients as XLA expressions of its output cotangent: dead (and dropped) when frozen.
-  dy = _input_cotangent(dxhs, dhs, a, rate, seed, True, k)
-  dscale, dbias = layers.layer_norm_affine_grads(h, dy, ln_scale, ln_bias, mean, rstd, eps)
-  return (dx, None if had_delta is None else dx, dscale, dbias, tuple(dkernels),
-          tuple(da[i].astype(a[i].dtype) for i in range(len(a))), tuple(db), _zeros(scale), _zeros(rate),
-          _float0(seed))
-
-
-_normed_lora_matmuls.defvjp(_normed_lora_matmuls_fwd, _normed_lora_matmuls_bwd)
 
 
 def _lowbias32(h):

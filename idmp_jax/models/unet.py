@@ -206,11 +206,10 @@ class BasicTransformerBlock(nn.Module):
                                   dtype=self.dtype, name=name)
     norm = lambda name: LayerNorm(dtype=self.dtype, name=name)
     # x = x + attn1(norm1(x)); x = x + attn2(norm2(x)); x = x + ff(norm3(x)), each residual add done by the norm
-    # that reads its sum (`layers.residual_layer_norm`: one pass forward and backward on the GPU). The attentions
-    # take their norm deferred (`layers.Normed`), to fuse it with their query side's LoRA adapters when training.
-    x, out = attn("attn1")(norm("norm1").deferred(x))
-    x, out = attn("attn2")(norm("norm2").deferred(x, out), context, mask=cross_mask)
-    x, y = norm("norm3")(x, out, residual=True)
+    # that reads its sum (`layers.residual_layer_norm`: one pass forward and backward on the GPU).
+    x, y = norm("norm1")(x, residual=True)
+    x, y = norm("norm2")(x, attn("attn1")(y), residual=True)
+    x, y = norm("norm3")(x, attn("attn2")(y, context, mask=cross_mask), residual=True)
     return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(y)
 
 
