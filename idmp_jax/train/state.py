@@ -6,6 +6,7 @@ optimizer update and the in-memory NaN guard, so the two jobs cannot drift apart
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -45,13 +46,33 @@ class FlatLayout:
     return jnp.concatenate([jnp.reshape(x, [-1]) for x in leaves])
 
   def unravel(self, flat: jax.Array):
-    """The tree, each leaf a slice of `flat` (inside a jit, XLA fuses each slice into the leaf's consumers)."""
-    out, start = [], 0
-    for shape in self.shapes:
-      size = math.prod(shape)
-      out.append(jnp.reshape(flat[start:start + size], shape))
-      start += size
-    return jax.tree.unflatten(self.treedef, out)
+    """The tree, each leaf a slice of `flat` (inside a jit, XLA fuses each slice into the leaf's consumers); its
+    gradient is the leaves' cotangents concatenated (`_split`)."""
+    return jax.tree.unflatten(self.treedef, _split(self, flat))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _split(layout: FlatLayout, flat: jax.Array) -> tuple[jax.Array, ...]:
+  """`flat` cut into the layout's leaves. A custom VJP because autodiff transposes each slice into a pad of the
+  whole vector and sums the pads: for the UNet's 256 LoRA leaves XLA fused that into chains of 256 padded adds
+  per element (~0.9 ms a step at b32 on an H200, against ~10 us for the concatenation)."""
+  out, start = [], 0
+  for shape in layout.shapes:
+    size = math.prod(shape)
+    out.append(jnp.reshape(flat[start:start + size], shape))
+    start += size
+  return tuple(out)
+
+
+def _split_fwd(layout, flat):
+  return _split(layout, flat), None
+
+
+def _split_bwd(layout, _, cotangents):
+  return (jnp.concatenate([jnp.reshape(c, [-1]).astype(dtype) for c, dtype in zip(cotangents, layout.dtypes)]),)
+
+
+_split.defvjp(_split_fwd, _split_bwd)
 
 
 @flax.struct.dataclass
