@@ -69,7 +69,7 @@ def _split_fwd(layout, flat):
 
 
 def _split_bwd(layout, _, cotangents):
-  return (jnp.concatenate([jnp.reshape(c, [-1]).astype(dtype) for c, dtype in zip(cotangents, layout.dtypes)]),)
+  return (layout.ravel(jax.tree.unflatten(layout.treedef, cotangents)),)
 
 
 _split.defvjp(_split_fwd, _split_bwd)
